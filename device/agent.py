@@ -1,0 +1,201 @@
+"""The agent: one process that loads the models, runs the pipeline, the updater, the link and the API."""
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from device.api import create_app
+from device.config import DataDir, DeviceConfig
+from device.engine.engine import Engine
+from device.engine.probe import probe
+from device.errors import ConfigError
+from device.health import collect, model_health
+from device.link import DeviceLink
+from device.pipeline import FolderPipeline
+from device.slots import ModelSlots
+from device.updater import Updater
+from models.signing import key_id, load_public_key
+from protocol.messages import UpdateOffer
+
+log = logging.getLogger(__name__)
+
+
+def agent_version() -> str:
+    try:
+        return version("edgefleet")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def load_trusted_keys(folder: Path) -> dict[str, Ed25519PublicKey]:
+    keys = {}
+    for path in sorted(folder.glob("*.pem")):
+        key = load_public_key(path.read_bytes())
+        keys[key_id(key)] = key
+    if not keys:
+        raise ConfigError(f"no fleet public keys in {folder}: the device could not verify any update")
+    return keys
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the agent owns shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[no-untyped-def]
+        yield
+
+
+class Agent:
+    def __init__(self, data: DataDir, config: DeviceConfig) -> None:
+        self.data = data
+        self.config = config
+        self.started = time.time()
+        self.version = agent_version()
+        self.engine = Engine(probe(), pinned=config.backend)
+        self.link = DeviceLink(
+            config.device_id, config.fleet_url, data.secret("mqtt-password"), self._on_offer, self.version
+        )
+        self.updater = Updater(
+            config.device_id,
+            data.root,
+            self.engine,
+            self.link,
+            load_trusted_keys(data.fleet_keys),
+            probation_s=config.probation_s,
+        )
+        self.slots = {p.name: ModelSlots(p) for p in sorted(data.models.iterdir()) if ModelSlots(p).exists()}
+        if not self.slots:
+            raise ConfigError(f"no model is installed under {data.models}: provision the device with one")
+        self.pipeline: FolderPipeline | None = None
+        self.health_seq = 0
+        self.api_port: int | None = None
+
+    def load_models(self) -> None:
+        for name, slots in self.slots.items():
+            serving = self.engine.prepare(slots.active_dir(), slots.active_manifest())
+            self.engine.serve(serving)
+            log.info(
+                "serving %s v%d from slot %s on %s",
+                name,
+                serving.manifest.version,
+                slots.active_slot(),
+                serving.backend,
+            )
+
+    async def _on_offer(self, offer: UpdateOffer) -> None:
+        await self.updater.handle_offer(offer)
+
+    def status(self) -> dict[str, Any]:
+        record = self.updater.record
+        return {
+            "device_id": self.config.device_id,
+            "agent_version": self.version,
+            "uptime_s": round(time.time() - self.started, 1),
+            "link": {
+                "broker": self.config.fleet_url,
+                "connected": self.link.connected.is_set(),
+                "malformed_messages": self.link.malformed_messages,
+            },
+            "models": [
+                {**self.engine.get(name).describe(), "slot": self.slots[name].active_slot()}
+                for name in self.engine.names()
+            ],
+            "last_update": record.to_json() if record else None,
+            "pipeline": {
+                "inferred_by_version": dict(self.pipeline.by_version) if self.pipeline else {},
+                "labels": dict(self.pipeline.by_label) if self.pipeline else {},
+                "rejected": self.pipeline.rejected_count if self.pipeline else 0,
+            },
+            "hardware": self.engine.profile.to_dict(),
+        }
+
+    async def _health_loop(self) -> None:
+        while True:
+            slots_of = {name: s.active_slot() for name, s in self.slots.items()}
+            health = await asyncio.to_thread(
+                collect,
+                self.config.device_id,
+                self.health_seq,
+                self.started,
+                self.data.root,
+                model_health(self.engine, slots_of),
+                self.updater.state,
+            )
+            if await self.link.publish_health(health):
+                self.health_seq += 1
+            await asyncio.sleep(self.config.health_interval_s)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set; models are loaded and proven before anything else starts."""
+        await asyncio.to_thread(self.load_models)
+        first_model = next(iter(self.slots))
+        self.pipeline = FolderPipeline(
+            self.engine,
+            first_model,
+            self.data.inbox,
+            self.data.processed,
+            self.data.rejected,
+            self.data.results,
+            self.config.pipeline_poll_s,
+        )
+        self.pipeline.start()
+        app = create_app(self.engine, self.status, self.data.ensure_api_token())
+        server = _Server(
+            uvicorn.Config(
+                app,
+                host=self.config.api_host,
+                port=self.config.api_port,
+                log_level="warning",
+                access_log=False,
+            )
+        )
+        tasks = [
+            asyncio.create_task(self.link.run(), name="link"),
+            asyncio.create_task(self._health_loop(), name="health"),
+            asyncio.create_task(self.updater.recover(), name="recover"),
+            asyncio.create_task(server.serve(), name="api"),
+        ]
+        await self._announce_port(server)
+        await stop.wait()
+        log.info("stopping")
+        self.pipeline.stop()
+        await self.link.say_offline()
+        server.should_exit = True
+        for task in tasks[:-1]:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.engine.close()
+
+    async def _announce_port(self, server: uvicorn.Server) -> None:
+        """Record the API's real port (it may have been 0 = any) so tools and tests can find it."""
+        while not server.started:
+            await asyncio.sleep(0.05)
+        sockets = [s for srv in server.servers for s in (srv.sockets or [])]
+        self.api_port = sockets[0].getsockname()[1] if sockets else self.config.api_port
+        (self.data.root / "api-port").write_text(str(self.api_port))
+        log.info("local API on http://%s:%d", self.config.api_host, self.api_port)
+
+
+def run_agent(data_dir: Path, fleet_url: str | None = None) -> None:
+    data = DataDir(data_dir)
+    config = data.load_config()
+    if fleet_url:
+        config = config.model_copy(update={"fleet_url": fleet_url})
+    data.make_dirs()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await Agent(data, config).run(stop)
+
+    asyncio.run(main())

@@ -1,0 +1,1 @@
+"""The hardware-aware inference engine: a probe, backends behind one interface, and the engine."""

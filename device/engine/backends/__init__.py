@@ -1,0 +1,1 @@
+"""One module per runtime, each behind the `Backend` interface in `base`."""

@@ -1,0 +1,47 @@
+"""ONNX Runtime, with one backend entry per execution provider (CUDA before CPU)."""
+
+from pathlib import Path
+
+from device.engine.backends.base import Tensors
+from device.engine.probe import HardwareProfile
+from device.errors import EngineError
+from models.manifest import Manifest, ModelFormat
+
+
+class OnnxRuntimeModel:
+    def __init__(self, model_path: Path, provider: str, threads: int) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(str(model_path), options, providers=[provider])
+        except Exception as e:  # ORT raises its own untyped errors for corrupt or unsupported files
+            raise EngineError(f"onnxruntime could not load {model_path.name}: {e}") from e
+        self._output_names = [o.name for o in self._session.get_outputs()]
+
+    def run(self, inputs: Tensors) -> Tensors:
+        outputs = self._session.run(self._output_names, inputs)
+        return dict(zip(self._output_names, outputs, strict=True))
+
+    def close(self) -> None:
+        del self._session
+
+
+class OnnxRuntimeBackend:
+    def __init__(self, provider: str) -> None:
+        self.provider = provider
+        self.name = "onnxruntime-" + provider.removesuffix("ExecutionProvider").lower()
+
+    def unavailable_reason(self, profile: HardwareProfile, manifest: Manifest) -> str | None:
+        if manifest.format is not ModelFormat.ONNX:
+            return f"runs ONNX models only, this one is {manifest.format.value}"
+        if not profile.runtimes.get("onnxruntime"):
+            return "onnxruntime is not installed"
+        if self.provider not in profile.onnxruntime_providers:
+            return f"{self.provider} is not in this onnxruntime build"
+        return None
+
+    def load(self, model_path: Path, manifest: Manifest, profile: HardwareProfile) -> OnnxRuntimeModel:
+        return OnnxRuntimeModel(model_path, self.provider, threads=max(1, profile.cpu_count))

@@ -1,0 +1,51 @@
+"""A health snapshot of the device: machine load, disk, and what each model is doing."""
+
+import time
+from pathlib import Path
+
+import psutil
+
+from device.engine.engine import Engine
+from protocol.messages import Health, ModelHealth, UpdateState
+
+
+def model_health(engine: Engine, slots_of: dict[str, str]) -> list[ModelHealth]:
+    result = []
+    for name in engine.names():
+        serving = engine.get(name)
+        result.append(
+            ModelHealth(
+                name=name,
+                version=serving.manifest.version,
+                slot=slots_of.get(name, ""),
+                backend=serving.backend,
+                inferences=serving.stats.inferences,
+                errors=serving.stats.errors,
+                latency_ms_p50=serving.stats.quantile(0.5),
+                latency_ms_p95=serving.stats.quantile(0.95),
+            )
+        )
+    return result
+
+
+def collect(
+    device_id: str,
+    seq: int,
+    started: float,
+    data_dir: Path,
+    models: list[ModelHealth],
+    update_state: UpdateState,
+) -> Health:
+    disk = psutil.disk_usage(str(data_dir))
+    return Health(
+        device_id=device_id,
+        seq=seq,
+        ts=time.time(),
+        uptime_s=time.time() - started,
+        cpu_percent=psutil.cpu_percent(interval=None),
+        memory_percent=psutil.virtual_memory().percent,
+        disk_free_bytes=disk.free,
+        disk_percent=disk.percent,
+        models=models,
+        update_state=update_state,
+    )

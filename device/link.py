@@ -1,0 +1,203 @@
+"""The device's MQTT link to the fleet: one client owner, a Last Will, jittered reconnects.
+
+Implements `FleetTransport` for the updater. Update statuses published while the link is down
+wait in a bounded in-memory queue and go out on reconnect (the durable on-disk outbox for
+telemetry is a separate, later part).
+"""
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlparse
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from protocol import topics
+from protocol.errors import ProtocolError
+from protocol.frames import Chunk, decode_chunk
+from protocol.messages import (
+    ChunkRequest,
+    DeviceState,
+    Health,
+    UpdateOffer,
+    UpdateState,
+    UpdateStatus,
+    decode,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 30.0
+MAX_PENDING_STATUSES = 1000
+
+OfferHandler = Callable[[UpdateOffer], Awaitable[None]]
+
+
+def parse_broker_url(url: str) -> tuple[str, int]:
+    parsed = urlparse(url)
+    if parsed.scheme != "mqtt" or not parsed.hostname:
+        raise ValueError(f"broker URL {url!r} must look like mqtt://host:port")
+    return parsed.hostname, parsed.port or 1883
+
+
+def backoff_delay(attempt: int) -> float:
+    """Exponential backoff with full jitter, so a fleet coming back does not arrive in one wave."""
+    return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
+
+
+class DeviceLink:
+    def __init__(
+        self,
+        device_id: str,
+        broker_url: str,
+        password: str | None,
+        on_offer: OfferHandler,
+        agent_version: str,
+    ) -> None:
+        self.device_id = device_id
+        self.host, self.port = parse_broker_url(broker_url)
+        self.password = password
+        self.on_offer = on_offer
+        self.agent_version = agent_version
+        self.connected = asyncio.Event()
+        self.malformed_messages = 0
+        self._client: aiomqtt.Client | None = None
+        self._pending: deque[UpdateStatus] = deque(maxlen=MAX_PENDING_STATUSES)
+        self._waiting: dict[tuple[str, int], asyncio.Future[Chunk]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _topic(self, leaf: str) -> str:
+        return topics.device_topic(self.device_id, leaf)
+
+    def _state(self, online: bool) -> bytes:
+        return encode(DeviceState(device_id=self.device_id, online=online, agent_version=self.agent_version))
+
+    async def run(self) -> None:
+        """Stay connected until cancelled."""
+        attempt = 0
+        while True:
+            try:
+                await self._session()
+                attempt = 0
+            except aiomqtt.MqttError as e:
+                log.warning("broker link down (%s); reconnecting", e)
+            finally:
+                self._client = None
+                self.connected.clear()
+            await asyncio.sleep(backoff_delay(attempt))
+            attempt += 1
+
+    async def _session(self) -> None:
+        will = aiomqtt.Will(self._topic(topics.STATE), self._state(False), qos=1, retain=True)
+        async with aiomqtt.Client(
+            self.host,
+            self.port,
+            identifier=f"device-{self.device_id}",
+            username=self.device_id,
+            password=self.password,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            will=will,
+            keepalive=15,
+            timeout=10,
+        ) as client:
+            self._client = client
+            await client.subscribe(self._topic("cmd/#"), qos=1)
+            await client.publish(self._topic(topics.STATE), self._state(True), qos=1, retain=True)
+            self.connected.set()
+            log.info("connected to %s:%d as %s", self.host, self.port, self.device_id)
+            await self._flush_pending(client)
+            async for message in client.messages:
+                self._dispatch(str(message.topic), bytes(message.payload))
+
+    async def _flush_pending(self, client: aiomqtt.Client) -> None:
+        while self._pending:
+            await client.publish(self._topic(topics.UPDATE_STATUS), encode(self._pending[0]), qos=1)
+            self._pending.popleft()
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        try:
+            if topic == self._topic(topics.CMD_CHUNK):
+                self._resolve_chunk(decode_chunk(payload))
+            elif topic == self._topic(topics.CMD_UPDATE):
+                offer = decode(UpdateOffer, payload, topic=topic)
+                self._spawn(self.on_offer(offer))
+            else:
+                log.warning("ignoring message on unknown topic %s", topic)
+        except ProtocolError as e:
+            self.malformed_messages += 1
+            log.error("rejected %s", e)
+            if topic == self._topic(topics.CMD_UPDATE):
+                status = UpdateStatus(
+                    device_id=self.device_id,
+                    update_id="invalid-offer",
+                    model_name="",
+                    version=0,
+                    state=UpdateState.FAILED,
+                    reason=e.reason,
+                )
+                self._spawn(self.publish_update_status(status))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _resolve_chunk(self, chunk: Chunk) -> None:
+        future = self._waiting.pop((chunk.update_id, chunk.offset), None)
+        if future is not None and not future.done():
+            future.set_result(chunk)
+
+    # -- FleetTransport ----------------------------------------------------------------------
+    async def publish_update_status(self, status: UpdateStatus) -> None:
+        client = self._client
+        if client is None:
+            self._pending.append(status)
+            return
+        try:
+            await client.publish(self._topic(topics.UPDATE_STATUS), encode(status), qos=1, timeout=10)
+        except aiomqtt.MqttError:
+            self._pending.append(status)
+
+    async def fetch_chunk(self, update_id: str, offset: int, length: int, timeout: float) -> Chunk:
+        await asyncio.wait_for(self.connected.wait(), timeout)
+        client = self._client
+        if client is None:
+            raise TimeoutError("broker link dropped")
+        future: asyncio.Future[Chunk] = asyncio.get_running_loop().create_future()
+        self._waiting[(update_id, offset)] = future
+        request = ChunkRequest(update_id=update_id, offset=offset, length=length)
+        try:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.ResponseTopic = self._topic(topics.CMD_CHUNK)
+            await client.publish(self._topic(topics.CHUNK_REQUEST), encode(request), qos=1, properties=props)
+            return await asyncio.wait_for(future, timeout)
+        except aiomqtt.MqttError as e:
+            raise TimeoutError(f"chunk request failed: {e}") from e
+        finally:
+            self._waiting.pop((update_id, offset), None)
+
+    async def publish_health(self, health: Health) -> bool:
+        """Best effort: health is periodic, a missed one is replaced by the next."""
+        client = self._client
+        if client is None:
+            return False
+        try:
+            await client.publish(self._topic(topics.HEALTH), encode(health), qos=0)
+            return True
+        except aiomqtt.MqttError:
+            return False
+
+    async def say_offline(self) -> None:
+        """A clean shutdown does not fire the Will, so say it ourselves."""
+        client = self._client
+        if client is not None:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.publish(
+                    self._topic(topics.STATE), self._state(False), qos=1, retain=True, timeout=5
+                )

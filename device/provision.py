@@ -1,0 +1,46 @@
+"""Provisioning: turn an empty folder into a device data dir from the fleet's enrollment and a model."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+from device.atomic import write_json_atomic
+from device.config import DataDir, DeviceConfig, validate_device_id
+from device.errors import ConfigError
+from device.slots import install_initial
+from models.manifest import Manifest
+from models.signing import key_id, load_public_key
+
+
+def provision(data_dir: Path, enrollment: dict[str, Any], model_archive: Path, **settings: Any) -> Manifest:
+    """Write config, secrets and trusted keys, and install the first model into slot `a`."""
+    data = DataDir(data_dir)
+    if data.config.exists():
+        raise ConfigError(f"{data.config} exists: this data dir is already provisioned")
+    try:
+        device_id = validate_device_id(str(enrollment["device_id"]))
+        fleet_url = str(enrollment["fleet_url"])
+        password = str(enrollment["mqtt_password"])
+        keys = [load_public_key(pem) for pem in enrollment["fleet_public_keys"]]
+    except KeyError as e:
+        raise ConfigError(f"enrollment lacks {e.args[0]!r}: use the JSON the fleet returned") from e
+    config = DeviceConfig(device_id=device_id, fleet_url=fleet_url, **settings)
+    data.make_dirs()
+    data.fleet_keys.mkdir(parents=True, exist_ok=True)
+    for key, pem in zip(keys, enrollment["fleet_public_keys"], strict=True):
+        (data.fleet_keys / f"{key_id(key)}.pem").write_text(pem)
+    data.write_secret("mqtt-password", password)
+    data.ensure_api_token()
+    manifest = install_initial(data.models, model_archive)
+    write_json_atomic(data.config, config.model_dump())
+    return manifest
+
+
+def load_enrollment(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read enrollment {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"enrollment {path} is not a JSON object")
+    return data

@@ -1,0 +1,281 @@
+"""Runs one update at a time through the state machine, journaling each state before acting on it.
+
+The order of checks is the security argument: the signature and the version are checked before a
+byte is downloaded, the payload's sha256 before it is unpacked, the package's own hashes while it
+is unpacked, and the golden vectors before the switch. The active slot is never written.
+"""
+
+import asyncio
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from device.atomic import write_json_atomic
+from device.engine.engine import Engine, ServingModel
+from device.errors import DeviceError, UpdateRejected
+from device.slots import ModelSlots
+from device.transport import FleetTransport
+from device.update_machine import Event, next_state
+from models.errors import ModelError
+from models.signing import verify
+from protocol.messages import SignedUpdate, UpdateOffer, UpdateState, UpdateStatus
+
+log = logging.getLogger(__name__)
+CHUNK_TIMEOUT_S = 10.0
+CHUNK_ATTEMPTS = 5
+DISK_HEADROOM_BYTES = 32 * 1024 * 1024
+
+
+@dataclass
+class UpdateRecord:
+    update: SignedUpdate
+    state: UpdateState = UpdateState.IDLE
+    reason: str = ""
+    target_slot: str | None = None
+    previous_slot: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def update_id(self) -> str:
+        return self.update.metadata.update_id
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "update": self.update.model_dump(mode="json"),
+            "state": self.state.value,
+            "reason": self.reason,
+            "target_slot": self.target_slot,
+            "previous_slot": self.previous_slot,
+            "history": self.history,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "UpdateRecord":
+        return cls(
+            update=SignedUpdate.model_validate(data["update"]),
+            state=UpdateState(data["state"]),
+            reason=data.get("reason", ""),
+            target_slot=data.get("target_slot"),
+            previous_slot=data.get("previous_slot"),
+            history=list(data.get("history", [])),
+        )
+
+
+class Updater:
+    def __init__(
+        self,
+        device_id: str,
+        data_dir: Path,
+        engine: Engine,
+        transport: FleetTransport,
+        trusted_keys: dict[str, Ed25519PublicKey],
+        probation_s: float = 30.0,
+        probation_max_error_rate: float = 0.2,
+        on_switch: Callable[[ServingModel], None] | None = None,
+    ) -> None:
+        self.device_id = device_id
+        self.models_dir = data_dir / "models"
+        self.downloads = data_dir / "downloads"
+        self.journal_path = data_dir / "update-journal.json"
+        self.engine = engine
+        self.transport = transport
+        self.trusted_keys = trusted_keys
+        self.probation_s = probation_s
+        self.probation_max_error_rate = probation_max_error_rate
+        self.on_switch = on_switch
+        self.record: UpdateRecord | None = self._read_journal()
+        self._lock = asyncio.Lock()
+
+    # -- journal ---------------------------------------------------------------------------
+    def _read_journal(self) -> UpdateRecord | None:
+        if not self.journal_path.exists():
+            return None
+        return UpdateRecord.from_json(json.loads(self.journal_path.read_text()))
+
+    async def _step(self, record: UpdateRecord, event: Event, reason: str = "", **detail: Any) -> None:
+        """Journal the next state (atomically, before its side effects) and report it to the fleet."""
+        record.state = next_state(record.state, event)
+        record.reason = reason
+        record.history.append({"state": record.state.value, "ts": time.time(), "reason": reason})
+        await asyncio.to_thread(write_json_atomic, self.journal_path, record.to_json())
+        log.info("update %s: %s %s", record.update_id, record.state.value, reason)
+        meta = record.update.metadata
+        status = UpdateStatus(
+            device_id=self.device_id,
+            update_id=meta.update_id,
+            model_name=meta.model_name,
+            version=meta.version,
+            state=record.state,
+            reason=reason,
+            detail=detail,
+        )
+        try:
+            await self.transport.publish_update_status(status)
+        except Exception as e:  # the journal is the truth; the fleet also sees the state in health
+            log.warning("could not report %s to the fleet: %s", record.state.value, e)
+
+    @property
+    def state(self) -> UpdateState:
+        return self.record.state if self.record else UpdateState.IDLE
+
+    # -- recovery --------------------------------------------------------------------------
+    async def recover(self) -> None:
+        """After a restart: finish or undo whatever the journal says was under way."""
+        record = self.record
+        if record is None or record.state.is_final:
+            return
+        slots = ModelSlots(self.models_dir / record.update.metadata.model_name)
+        if record.state is UpdateState.PROBATION and slots.active_slot() == record.target_slot:
+            log.info("update %s: restarted during probation, resuming it", record.update_id)
+            await self._probation(record, slots, previous=None)
+            return
+        if record.state is UpdateState.PROBATION:
+            # Journaled the switch but crashed before the link moved: the old slot is still active.
+            record.state = UpdateState.TESTING
+        await self._step(record, Event.FAIL, f"agent restarted during {record.state.value}; old model kept")
+
+    # -- the update ------------------------------------------------------------------------
+    async def handle_offer(self, offer: UpdateOffer) -> None:
+        meta = offer.update.metadata
+        if self.record and self.record.update_id == meta.update_id:
+            log.info("offer %s repeated; it is already %s", meta.update_id, self.record.state.value)
+            return
+        async with self._lock:
+            record = UpdateRecord(update=offer.update)
+            self.record = record
+            await self._step(record, Event.OFFER)
+            try:
+                slots = self._check_offer(offer.update)
+                await self._step(record, Event.ACCEPT)
+                payload = await self._download(record, offer.chunk_size)
+                await self._step(record, Event.DOWNLOADED)
+                await asyncio.to_thread(self._verify_payload, payload, offer.update)
+                await self._step(record, Event.VERIFIED)
+                record.target_slot = slots.inactive_slot()
+                record.previous_slot = slots.active_slot()
+                manifest = await asyncio.to_thread(slots.unpack_into, record.target_slot, payload)
+                if (manifest.name, manifest.version) != (meta.model_name, meta.version):
+                    raise UpdateRejected(
+                        f"package holds {manifest.name} v{manifest.version}, "
+                        f"the signed metadata says {meta.model_name} v{meta.version}"
+                    )
+                await self._step(record, Event.APPLIED, slot=record.target_slot)
+                await self._step(record, Event.LOADED)
+                candidate = await asyncio.to_thread(
+                    self.engine.prepare, slots.slot_dir(record.target_slot), manifest
+                )
+            except (DeviceError, ModelError, TimeoutError, OSError) as e:
+                await self._step(record, Event.FAIL, str(e))
+                self._discard_download(meta.update_id)
+                return
+            await self._switch(record, slots, candidate)
+
+    def _check_offer(self, update: SignedUpdate) -> ModelSlots:
+        meta = update.metadata
+        try:
+            verify(meta.model_dump(mode="json"), update.key_id, update.signature, self.trusted_keys)
+        except ModelError as e:
+            raise UpdateRejected(str(e)) from e
+        slots = ModelSlots(self.models_dir / meta.model_name)
+        if not slots.exists():
+            raise UpdateRejected(f"model {meta.model_name!r} is not installed on this device")
+        installed = slots.active_manifest().version
+        if meta.version <= installed:
+            raise UpdateRejected(f"version {meta.version} is not newer than the installed {installed}")
+        free = shutil.disk_usage(self.models_dir).free
+        needed = 3 * meta.size + DISK_HEADROOM_BYTES
+        if free < needed:
+            raise UpdateRejected(f"not enough disk: {free} bytes free, {needed} needed")
+        return slots
+
+    async def _download(self, record: UpdateRecord, chunk_size: int) -> Path:
+        """Pull the payload chunk by chunk into a .part file, resuming from what is already there."""
+        meta = record.update.metadata
+        self.downloads.mkdir(parents=True, exist_ok=True)
+        part = self.downloads / f"{meta.update_id}.part"
+        offset = part.stat().st_size if part.exists() else 0
+        if offset > meta.size:
+            part.unlink()
+            offset = 0
+        with part.open("ab") as out:
+            while offset < meta.size:
+                length = min(chunk_size, meta.size - offset)
+                chunk = await self._fetch_with_retries(meta.update_id, offset, length)
+                if chunk.total != meta.size or chunk.offset != offset or len(chunk.data) != length:
+                    raise UpdateRejected(f"chunk at {offset} does not fit the signed size {meta.size}")
+                out.write(chunk.data)
+                offset += length
+            out.flush()
+        return part
+
+    async def _fetch_with_retries(self, update_id: str, offset: int, length: int) -> Any:
+        for attempt in range(1, CHUNK_ATTEMPTS + 1):
+            try:
+                return await self.transport.fetch_chunk(update_id, offset, length, CHUNK_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("chunk %s@%d timed out (attempt %d)", update_id, offset, attempt)
+        raise TimeoutError(
+            f"download stalled: chunk at offset {offset} did not arrive after {CHUNK_ATTEMPTS} tries"
+        )
+
+    @staticmethod
+    def _verify_payload(payload: Path, update: SignedUpdate) -> None:
+        digest = hashlib.sha256()
+        with payload.open("rb") as f:
+            while block := f.read(1024 * 1024):
+                digest.update(block)
+        size = payload.stat().st_size
+        if size != update.metadata.size or digest.hexdigest() != update.metadata.sha256:
+            payload.unlink()
+            raise UpdateRejected("downloaded payload does not match the signed sha256 and size; discarded")
+
+    def _discard_download(self, update_id: str) -> None:
+        (self.downloads / f"{update_id}.part").unlink(missing_ok=True)
+
+    async def _switch(self, record: UpdateRecord, slots: ModelSlots, candidate: ServingModel) -> None:
+        assert record.target_slot is not None
+        await self._step(
+            record, Event.SWITCHED, golden_p95_ms=candidate.golden_p95_ms, backend=candidate.backend
+        )
+        await asyncio.to_thread(slots.activate, record.target_slot)
+        previous = self.engine.serve(candidate)
+        if self.on_switch:
+            self.on_switch(candidate)
+        await self._probation(record, slots, previous)
+
+    async def _probation(
+        self, record: UpdateRecord, slots: ModelSlots, previous: ServingModel | None
+    ) -> None:
+        """Watch the new model on live traffic; roll back by itself if it errs too often."""
+        name = record.update.metadata.model_name
+        await asyncio.sleep(self.probation_s)
+        stats = self.engine.get(name).stats
+        attempts = stats.inferences + stats.errors
+        error_rate = stats.errors / attempts if attempts else 0.0
+        if error_rate > self.probation_max_error_rate:
+            await self._roll_back(record, slots, previous, f"error rate {error_rate:.0%} during probation")
+            return
+        await self._step(record, Event.HEALTHY, inferences=stats.inferences)
+        self._discard_download(record.update_id)
+        if previous is not None:
+            previous.model.close()
+
+    async def _roll_back(
+        self, record: UpdateRecord, slots: ModelSlots, previous: ServingModel | None, reason: str
+    ) -> None:
+        assert record.previous_slot is not None
+        await asyncio.to_thread(slots.activate, record.previous_slot)
+        if previous is None:
+            previous = await asyncio.to_thread(
+                self.engine.prepare, slots.active_dir(), slots.active_manifest()
+            )
+        self.engine.serve(previous)
+        await self._step(record, Event.ROLL_BACK, reason)

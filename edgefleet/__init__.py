@@ -1,0 +1,1 @@
+"""edgefleet: the command line that fronts the device agent and the fleet server."""

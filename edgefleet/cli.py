@@ -1,0 +1,282 @@
+"""The `edgefleet` command. Sub-commands import their side lazily, so a device without the fleet's
+dependencies can run `edgefleet device ...`."""
+
+import json
+import logging
+import os
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="Edge AI fleet: device agent and fleet server."
+)
+device_app = typer.Typer(no_args_is_help=True, help="The on-device agent.")
+fleet_app = typer.Typer(no_args_is_help=True, help="The fleet server and its operator commands.")
+models_app = typer.Typer(no_args_is_help=True, help="Model packages: pack, inspect, verify.")
+app.add_typer(device_app, name="device")
+app.add_typer(fleet_app, name="fleet")
+app.add_typer(models_app, name="models")
+
+DataDirOpt = Annotated[Path, typer.Option("--data-dir", help="the data dir")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        try:
+            typer.echo(f"edgefleet {version('edgefleet')}")
+        except PackageNotFoundError:
+            typer.echo("edgefleet (not installed)")
+        raise typer.Exit()
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+@app.callback()
+def main(
+    _: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version")
+    ] = False,
+) -> None:
+    """edgefleet: signed model updates over MQTT to factory-floor edge devices."""
+
+
+# -- device ---------------------------------------------------------------------------------------
+@device_app.command("provision")
+def device_provision(
+    data_dir: DataDirOpt,
+    enrollment: Annotated[Path, typer.Option(help="the JSON the fleet returned for this device")],
+    model: Annotated[Path, typer.Option(help="the first model package archive (.tar)")],
+    api_port: Annotated[int, typer.Option(help="local API port (0: any free port)")] = 8081,
+    api_host: Annotated[str, typer.Option(help="local API address")] = "127.0.0.1",
+    probation_s: Annotated[float, typer.Option(help="seconds a new model is watched before commit")] = 30.0,
+    health_interval_s: Annotated[float, typer.Option(help="seconds between health reports")] = 5.0,
+) -> None:
+    """Prepare a data dir: config, secrets, the fleet's keys, and the first model in slot a."""
+    from device.errors import DeviceError
+    from device.provision import load_enrollment, provision
+    from models.errors import ModelError
+
+    try:
+        manifest = provision(
+            data_dir,
+            load_enrollment(enrollment),
+            model,
+            api_port=api_port,
+            api_host=api_host,
+            probation_s=probation_s,
+            health_interval_s=health_interval_s,
+        )
+    except (DeviceError, ModelError) as e:
+        _fail(str(e))
+    typer.echo(f"provisioned {data_dir} with {manifest.name} v{manifest.version}")
+
+
+@device_app.command("run")
+def device_run(
+    data_dir: DataDirOpt,
+    fleet: Annotated[str | None, typer.Option("--fleet", help="broker URL, overrides the config")] = None,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Run the agent until SIGINT/SIGTERM."""
+    from device.agent import run_agent
+    from device.errors import DeviceError
+
+    _logging(verbose)
+    try:
+        run_agent(data_dir, fleet)
+    except DeviceError as e:
+        _fail(str(e))
+
+
+@device_app.command("probe")
+def device_probe(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """Print this machine's hardware profile."""
+    from device.engine.probe import probe
+
+    profile = probe().to_dict()
+    if as_json:
+        _print_json(profile)
+    else:
+        for key, value in profile.items():
+            typer.echo(f"{key:24} {value}")
+
+
+# -- fleet ----------------------------------------------------------------------------------------
+def _client(server: str, token: str | None, data_dir: Path | None) -> Any:
+    from fleet.client import FleetClient
+
+    token = token or os.environ.get("EDGEFLEET_TOKEN")
+    if token is None and data_dir is not None:
+        path = data_dir / "secrets" / "operator-token"
+        token = path.read_text().strip() if path.exists() else None
+    if token is None:
+        _fail("no operator token: pass --token, set EDGEFLEET_TOKEN, or --data-dir of the fleet")
+    return FleetClient(server, token or "")
+
+
+ServerOpt = Annotated[str, typer.Option("--server", help="fleet API URL")]
+TokenOpt = Annotated[str | None, typer.Option("--token", help="operator token (or EDGEFLEET_TOKEN)")]
+FleetDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="fleet data dir, to read its token")]
+
+
+@fleet_app.command("serve")
+def fleet_serve(
+    data_dir: DataDirOpt,
+    http_host: Annotated[str, typer.Option(help="JSON API address")] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(help="JSON API port")] = 8080,
+    broker_url: Annotated[str | None, typer.Option(help="external broker; omit to run Mosquitto")] = None,
+    broker_port: Annotated[int, typer.Option(help="port of the embedded Mosquitto")] = 1883,
+    chunk_size: Annotated[int, typer.Option(help="bytes per update chunk")] = 256 * 1024,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Run the fleet server (with its own Mosquitto unless --broker-url is given)."""
+    from fleet.errors import FleetError
+    from fleet.server import ServeOptions, run_server
+
+    _logging(verbose)
+    try:
+        run_server(
+            ServeOptions(data_dir, http_host, http_port, broker_url, "127.0.0.1", broker_port, chunk_size)
+        )
+    except FleetError as e:
+        _fail(str(e))
+
+
+@fleet_app.command("device-add")
+def fleet_device_add(
+    device_id: str,
+    out: Annotated[Path, typer.Option(help="where to write the enrollment JSON (0600)")],
+    server: ServerOpt = "http://127.0.0.1:8080",
+    token: TokenOpt = None,
+    data_dir: FleetDirOpt = None,
+) -> None:
+    """Register a device; its enrollment (with its broker password) is written to --out."""
+    enrollment = _client(server, token, data_dir).add_device(device_id)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(enrollment, f, indent=2)
+    typer.echo(f"registered {device_id}; enrollment in {out}")
+
+
+@fleet_app.command("devices")
+def fleet_devices(
+    server: ServerOpt = "http://127.0.0.1:8080", token: TokenOpt = None, data_dir: FleetDirOpt = None
+) -> None:
+    """List devices with their state."""
+    _print_json(_client(server, token, data_dir).devices())
+
+
+@fleet_app.command("model-push")
+def fleet_model_push(
+    archive: Path,
+    server: ServerOpt = "http://127.0.0.1:8080",
+    token: TokenOpt = None,
+    data_dir: FleetDirOpt = None,
+) -> None:
+    """Register a model package archive as a new version."""
+    _print_json(_client(server, token, data_dir).push_model(archive))
+
+
+@fleet_app.command("update")
+def fleet_update(
+    model_name: str,
+    version_: Annotated[int, typer.Argument(metavar="VERSION")],
+    device: Annotated[list[str], typer.Option("--device", help="a device id; repeat for more")],
+    server: ServerOpt = "http://127.0.0.1:8080",
+    token: TokenOpt = None,
+    data_dir: FleetDirOpt = None,
+) -> None:
+    """Offer a registered model version to devices."""
+    _print_json(_client(server, token, data_dir).start_update(model_name, version_, device))
+
+
+@fleet_app.command("updates")
+def fleet_updates(
+    device: Annotated[str | None, typer.Option(help="only this device")] = None,
+    server: ServerOpt = "http://127.0.0.1:8080",
+    token: TokenOpt = None,
+    data_dir: FleetDirOpt = None,
+) -> None:
+    """List updates and their states."""
+    _print_json(_client(server, token, data_dir).updates(device))
+
+
+# -- models ---------------------------------------------------------------------------------------
+@models_app.command("pack")
+def models_pack(folder: Path, out: Annotated[Path, typer.Option("-o", "--out")]) -> None:
+    """Verify a package folder and write its archive."""
+    from models.errors import ModelError
+    from models.package import pack
+
+    try:
+        manifest = pack(folder, out)
+    except ModelError as e:
+        _fail(str(e))
+    typer.echo(f"packed {manifest.name} v{manifest.version} -> {out}")
+
+
+@models_app.command("inspect")
+def models_inspect(path: Path) -> None:
+    """Print the manifest of a package folder or archive."""
+    from models.errors import ModelError
+    from models.manifest import load_manifest
+    from models.package import read_archive_manifest
+
+    try:
+        manifest = load_manifest(path) if path.is_dir() else read_archive_manifest(path)
+    except ModelError as e:
+        _fail(str(e))
+    typer.echo(manifest.to_json())
+
+
+@models_app.command("verify")
+def models_verify(path: Path) -> None:
+    """Check every file of a package folder or archive against its manifest."""
+    import tempfile
+
+    from models.errors import ModelError
+    from models.package import unpack, verify_package
+
+    try:
+        if path.is_dir():
+            manifest = verify_package(path)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                manifest = unpack(path, Path(tmp) / "pkg")
+    except ModelError as e:
+        _fail(str(e))
+    typer.echo(f"ok: {manifest.name} v{manifest.version}, {len(manifest.files)} files verified")
+
+
+# -- demo -----------------------------------------------------------------------------------------
+@app.command("demo")
+def demo(
+    workdir: Annotated[Path, typer.Option(help="where the demo keeps its data dirs")] = Path("demo-run"),
+    devices: Annotated[int, typer.Option(help="number of device agents")] = 3,
+) -> None:
+    """Fleet server + Mosquitto + devices: infer on v1, push v2, watch it committed, print a summary."""
+    from edgefleet.demo import DemoFailed, run_demo
+
+    try:
+        run_demo(workdir, devices)
+    except DemoFailed as e:
+        _fail(str(e))

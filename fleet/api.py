@@ -1,0 +1,100 @@
+"""The fleet's JSON API for operators and their tools. Every route but /healthz needs the operator token."""
+
+import hmac
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+
+from fleet.errors import Conflict, InvalidRequest, NotFound
+from fleet.service import FleetService
+
+MAX_UPLOAD_BYTES = 1024 * 1024 * 1024
+bearer = HTTPBearer(
+    auto_error=False, description="the operator token (fleet data dir: secrets/operator-token)"
+)
+
+
+class NewDevice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    device_id: str = Field(description="lowercase id: a-z, 0-9, '-', '_'")
+
+
+class NewUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model_name: str
+    version: int = Field(ge=1)
+    device_ids: list[str] = Field(min_length=1, max_length=100_000)
+
+
+def create_app(service: FleetService, token: str) -> FastAPI:
+    app = FastAPI(title="edgefleet fleet", version="1", docs_url=None, redoc_url=None)
+
+    def require_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
+            raise HTTPException(
+                401, "missing or wrong operator token", headers={"WWW-Authenticate": "Bearer"}
+            )
+
+    Auth = Depends(require_token)
+    for error, status in ((NotFound, 404), (Conflict, 409), (InvalidRequest, 422)):
+
+        async def handler(_: Request, e: Exception, status: int = status) -> JSONResponse:
+            return JSONResponse({"error": str(e)}, status_code=status)
+
+        app.add_exception_handler(error, handler)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/api/devices", dependencies=[Auth], status_code=201)
+    def add_device(body: NewDevice) -> dict[str, Any]:
+        return service.add_device(body.device_id)
+
+    @app.get("/api/devices", dependencies=[Auth])
+    def list_devices() -> list[dict[str, Any]]:
+        return service.list_devices()
+
+    @app.get("/api/devices/{device_id}", dependencies=[Auth])
+    def get_device(device_id: str) -> dict[str, Any]:
+        return service.get_device(device_id)
+
+    @app.get("/api/models", dependencies=[Auth])
+    def list_models() -> list[dict[str, Any]]:
+        return service.list_models()
+
+    @app.post("/api/models", dependencies=[Auth], status_code=201)
+    async def push_model(request: Request) -> dict[str, Any]:
+        """Body: the package archive (application/octet-stream), streamed to disk, verified, then kept."""
+        fd, name = tempfile.mkstemp(dir=service.data.root, suffix=".upload")
+        try:
+            size = 0
+            with os.fdopen(fd, "wb") as out:
+                async for block in request.stream():
+                    size += len(block)
+                    if size > MAX_UPLOAD_BYTES:
+                        raise HTTPException(413, f"package exceeds {MAX_UPLOAD_BYTES} bytes")
+                    out.write(block)
+            return service.register_model(Path(name))
+        finally:
+            Path(name).unlink(missing_ok=True)
+
+    @app.post("/api/updates", dependencies=[Auth], status_code=201)
+    async def start_update(body: NewUpdate) -> list[dict[str, Any]]:
+        return await service.start_update(body.model_name, body.version, body.device_ids)
+
+    @app.get("/api/updates", dependencies=[Auth])
+    def list_updates(device_id: str | None = None) -> list[dict[str, Any]]:
+        return service.list_updates(device_id)
+
+    @app.get("/api/updates/{update_id}", dependencies=[Auth])
+    def get_update(update_id: str) -> dict[str, Any]:
+        return service.get_update(update_id)
+
+    return app

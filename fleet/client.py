@@ -1,0 +1,63 @@
+"""A small client of the fleet JSON API, used by the CLI and the demo."""
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+class FleetApiError(RuntimeError):
+    pass
+
+
+class FleetClient:
+    def __init__(self, base_url: str, token: str, timeout: float = 30.0) -> None:
+        self._http = httpx.Client(
+            base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as e:
+            raise FleetApiError(f"fleet at {self._http.base_url} did not answer: {e}") from e
+        if response.status_code >= 400:
+            try:
+                detail = response.json()
+            except ValueError:
+                detail = response.text
+            raise FleetApiError(f"{method} {path} -> {response.status_code}: {detail}")
+        return response.json()
+
+    def add_device(self, device_id: str) -> dict[str, Any]:
+        return dict(self._call("POST", "/api/devices", json={"device_id": device_id}))
+
+    def devices(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/api/devices"))
+
+    def device(self, device_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/api/devices/{device_id}"))
+
+    def push_model(self, archive: Path) -> dict[str, Any]:
+        with archive.open("rb") as f:
+            return dict(
+                self._call(
+                    "POST", "/api/models", content=f, headers={"Content-Type": "application/octet-stream"}
+                )
+            )
+
+    def models(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/api/models"))
+
+    def start_update(self, model_name: str, version: int, device_ids: list[str]) -> list[dict[str, Any]]:
+        body = {"model_name": model_name, "version": version, "device_ids": device_ids}
+        return list(self._call("POST", "/api/updates", json=body))
+
+    def update(self, update_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/api/updates/{update_id}"))
+
+    def updates(self, device_id: str | None = None) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/api/updates", params={"device_id": device_id} if device_id else None))

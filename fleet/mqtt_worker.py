@@ -1,0 +1,96 @@
+"""The fleet's MQTT worker: ingest device state, health and update statuses; answer chunk requests.
+
+Health, statuses and chunk requests come through MQTT 5 shared subscriptions, so more workers
+can share the load behind one broker. Retained state is not delivered to shared subscriptions,
+so each worker reads `state` with a plain one.
+"""
+
+import asyncio
+import logging
+import random
+from typing import TypeVar
+
+import aiomqtt
+
+from fleet.broker_auth import FLEET_USER
+from fleet.service import FleetService
+from protocol import topics
+from protocol.errors import ProtocolError
+from protocol.messages import ChunkRequest, DeviceState, Health, UpdateStatus, decode
+
+log = logging.getLogger(__name__)
+_Own = TypeVar("_Own", DeviceState, Health, UpdateStatus)
+
+
+class FleetWorker:
+    def __init__(self, service: FleetService, host: str, port: int, worker_id: str = "fleet-0") -> None:
+        self.service = service
+        self.host = host
+        self.port = port
+        self.worker_id = worker_id
+        self.connected = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+
+    async def publish(self, topic: str, payload: bytes, qos: int) -> None:
+        await asyncio.wait_for(self.connected.wait(), 30)
+        assert self._client is not None
+        await self._client.publish(topic, payload, qos=qos)
+
+    async def run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._session()
+            except aiomqtt.MqttError as e:
+                log.warning("fleet worker lost the broker (%s); reconnecting", e)
+            finally:
+                self._client = None
+                self.connected.clear()
+            await asyncio.sleep(random.uniform(0, min(10.0, 0.2 * 2**attempt)))
+            attempt += 1
+
+    async def _session(self) -> None:
+        async with aiomqtt.Client(
+            self.host,
+            self.port,
+            identifier=f"edgefleet-{self.worker_id}",
+            username=FLEET_USER,
+            password=self.service.fleet_mqtt_password,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            keepalive=15,
+        ) as client:
+            self._client = client
+            await client.subscribe(topics.all_devices(topics.STATE), qos=1)
+            for leaf in (topics.HEALTH, topics.UPDATE_STATUS, topics.CHUNK_REQUEST):
+                await client.subscribe(topics.shared(topics.all_devices(leaf)), qos=1)
+            self.connected.set()
+            log.info("fleet worker %s subscribed on %s:%d", self.worker_id, self.host, self.port)
+            async for message in client.messages:
+                await self._handle(str(message.topic), bytes(message.payload))
+
+    async def _handle(self, topic: str, payload: bytes) -> None:
+        try:
+            device_id, leaf = topics.split_device_topic(topic)
+            if leaf == topics.STATE:
+                await self.service.on_device_state(
+                    device_id, self._own(device_id, decode(DeviceState, payload))
+                )
+            elif leaf == topics.HEALTH:
+                self.service.on_health(device_id, self._own(device_id, decode(Health, payload)))
+            elif leaf == topics.UPDATE_STATUS:
+                self.service.on_update_status(device_id, self._own(device_id, decode(UpdateStatus, payload)))
+            elif leaf == topics.CHUNK_REQUEST:
+                request = decode(ChunkRequest, payload)
+                frame = self.service.chunk_for(device_id, request)
+                if frame is not None:
+                    await self.publish(topics.device_topic(device_id, topics.CMD_CHUNK), frame, 1)
+        except (ProtocolError, ValueError) as e:
+            self.service.rejected_messages += 1
+            log.warning("rejected message on %s: %s", topic, e)
+
+    @staticmethod
+    def _own(device_id: str, message: _Own) -> _Own:
+        """A device speaks only for itself: the id in the payload must be the one in the topic."""
+        if message.device_id != device_id:
+            raise ProtocolError(f"payload names device {message.device_id!r} on {device_id!r}'s topic")
+        return message

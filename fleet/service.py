@@ -1,0 +1,325 @@
+"""What the fleet does, independent of how it is asked: devices, models, updates, ingest.
+
+The API and the MQTT worker are thin shells over this class. Publishing goes through the
+`publish` callable it is given, so tests can watch what would be sent.
+"""
+
+import logging
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from fleet import broker_auth
+from fleet.db import Device, ModelVersion, Update, UpdateEvent
+from fleet.errors import Conflict, InvalidRequest, NotFound
+from fleet.store import FleetDataDir
+from models.errors import ModelError
+from models.package import hash_file, unpack
+from models.signing import public_key_pem, sign
+from protocol import topics
+from protocol.frames import Chunk, encode_chunk
+from protocol.messages import (
+    ChunkRequest,
+    DeviceState,
+    Health,
+    SignedUpdate,
+    UpdateMetadata,
+    UpdateOffer,
+    UpdateState,
+    UpdateStatus,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+Publish = Callable[[str, bytes, int], Awaitable[None]]
+OFFER_LIFETIME_S = 7 * 24 * 3600
+FINAL_STATES = {state.value for state in UpdateState if state.is_final}
+
+
+class FleetService:
+    def __init__(
+        self,
+        data: FleetDataDir,
+        sessions: sessionmaker[Session],
+        broker_url: str,
+        chunk_size: int = 256 * 1024,
+    ) -> None:
+        self.data = data
+        self.sessions = sessions
+        self.broker_url = broker_url
+        self.chunk_size = chunk_size
+        self.signing_key = data.signing_key()
+        self.publish: Publish | None = None
+        self.on_credentials_changed: Callable[[], None] = lambda: None
+        self.rejected_messages = 0
+
+    # -- broker credentials -------------------------------------------------------------------
+    def write_broker_auth(self) -> None:
+        with self.sessions() as s:
+            entries = {d.id: d.mqtt_password_hash for d in s.scalars(select(Device))}
+        entries[broker_auth.FLEET_USER] = broker_auth.hash_password(self.fleet_mqtt_password)
+        self.data.password_file.write_text(broker_auth.password_file(entries))
+        self.data.password_file.chmod(0o600)
+        self.data.acl_file.write_text(broker_auth.acl_file())
+
+    @property
+    def fleet_mqtt_password(self) -> str:
+        return self.data.secret("broker-fleet-password")
+
+    # -- devices ------------------------------------------------------------------------------
+    def add_device(self, device_id: str) -> dict[str, Any]:
+        """Register a device and return its enrollment: the only time its broker password is shown."""
+        try:
+            topics.require_device_id(device_id)
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from e
+        password = broker_auth.new_password()
+        with self.sessions.begin() as s:
+            if s.get(Device, device_id) is not None:
+                raise Conflict(f"device {device_id!r} is already registered")
+            s.add(Device(id=device_id, mqtt_password_hash=broker_auth.hash_password(password)))
+        self.write_broker_auth()
+        self.on_credentials_changed()
+        return {
+            "device_id": device_id,
+            "fleet_url": self.broker_url,
+            "mqtt_password": password,
+            "fleet_public_keys": [public_key_pem(self.signing_key)],
+        }
+
+    def list_devices(self) -> list[dict[str, Any]]:
+        with self.sessions() as s:
+            return [self._device_view(s, d) for d in s.scalars(select(Device).order_by(Device.id))]
+
+    def get_device(self, device_id: str) -> dict[str, Any]:
+        with self.sessions() as s:
+            device = s.get(Device, device_id)
+            if device is None:
+                raise NotFound(f"no device {device_id!r}")
+            return self._device_view(s, device)
+
+    def _device_view(self, s: Session, d: Device) -> dict[str, Any]:
+        latest = s.scalars(
+            select(Update).where(Update.device_id == d.id).order_by(Update.created.desc()).limit(1)
+        ).first()
+        return {
+            "device_id": d.id,
+            "online": d.online,
+            "last_seen": d.last_seen,
+            "agent_version": d.agent_version,
+            "health": d.last_health,
+            "latest_update": self._update_view(s, latest) if latest else None,
+        }
+
+    # -- models -------------------------------------------------------------------------------
+    def register_model(self, archive: Path) -> dict[str, Any]:
+        """Verify a package archive completely, then keep it as an artifact; versions are immutable."""
+        with tempfile.TemporaryDirectory(dir=self.data.root) as tmp:
+            try:
+                manifest = unpack(archive, Path(tmp) / "pkg")
+            except ModelError as e:
+                raise InvalidRequest(f"not a valid model package: {e}") from e
+        digest = hash_file(archive)
+        with self.sessions.begin() as s:
+            existing = s.scalars(
+                select(ModelVersion).where(
+                    ModelVersion.name == manifest.name, ModelVersion.version == manifest.version
+                )
+            ).first()
+            if existing is not None:
+                if existing.sha256 == digest.sha256:
+                    return self._model_view(existing)
+                raise Conflict(
+                    f"{manifest.name} v{manifest.version} exists with other bytes; bump the version"
+                )
+            target = self.data.artifacts / manifest.name / f"{manifest.version}.tar"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(archive, target)
+            row = ModelVersion(
+                name=manifest.name,
+                version=manifest.version,
+                sha256=digest.sha256,
+                size=digest.size,
+                path=str(target),
+                manifest=manifest.model_dump(mode="json", by_alias=True),
+            )
+            s.add(row)
+            s.flush()
+            return self._model_view(row)
+
+    def list_models(self) -> list[dict[str, Any]]:
+        with self.sessions() as s:
+            rows = s.scalars(select(ModelVersion).order_by(ModelVersion.name, ModelVersion.version))
+            return [self._model_view(r) for r in rows]
+
+    @staticmethod
+    def _model_view(row: ModelVersion) -> dict[str, Any]:
+        return {
+            "name": row.name,
+            "version": row.version,
+            "sha256": row.sha256,
+            "size": row.size,
+            "created": row.created,
+        }
+
+    # -- updates ------------------------------------------------------------------------------
+    async def start_update(
+        self, model_name: str, version: int, device_ids: list[str]
+    ) -> list[dict[str, Any]]:
+        """Sign an offer of `model_name` v`version` for each device and publish it."""
+        if not device_ids:
+            raise InvalidRequest("name at least one device")
+        created = []
+        with self.sessions.begin() as s:
+            model = s.scalars(
+                select(ModelVersion).where(ModelVersion.name == model_name, ModelVersion.version == version)
+            ).first()
+            if model is None:
+                raise NotFound(f"model {model_name} v{version} is not registered; push it first")
+            for device_id in device_ids:
+                if s.get(Device, device_id) is None:
+                    raise NotFound(f"no device {device_id!r}")
+                update = Update(
+                    id=uuid.uuid4().hex[:16], device_id=device_id, model_version_id=model.id, offer={}
+                )
+                update.offer = self._signed_offer(update.id, model).model_dump(mode="json")
+                s.add(update)
+                created.append(update)
+        for update in created:
+            await self._send_offer(update)
+        with self.sessions() as s:
+            return [self._update_view(s, s.get(Update, u.id)) for u in created]  # type: ignore[arg-type]
+
+    def _signed_offer(self, update_id: str, model: ModelVersion) -> UpdateOffer:
+        now = time.time()
+        metadata = UpdateMetadata(
+            update_id=update_id,
+            model_name=model.name,
+            version=model.version,
+            sha256=model.sha256,
+            size=model.size,
+            created=now,
+            expires=now + OFFER_LIFETIME_S,
+        )
+        key_id, signature = sign(metadata.model_dump(mode="json"), self.signing_key)
+        return UpdateOffer(
+            update=SignedUpdate(metadata=metadata, key_id=key_id, signature=signature),
+            chunk_size=self.chunk_size,
+        )
+
+    async def _send_offer(self, update: Update) -> None:
+        if self.publish is None:
+            return
+        topic = topics.device_topic(update.device_id, topics.CMD_UPDATE)
+        await self.publish(topic, encode(UpdateOffer.model_validate(update.offer)), 1)
+
+    def get_update(self, update_id: str) -> dict[str, Any]:
+        with self.sessions() as s:
+            update = s.get(Update, update_id)
+            if update is None:
+                raise NotFound(f"no update {update_id!r}")
+            return self._update_view(s, update, with_events=True)
+
+    def list_updates(self, device_id: str | None = None) -> list[dict[str, Any]]:
+        with self.sessions() as s:
+            query = select(Update).order_by(Update.created)
+            if device_id:
+                query = query.where(Update.device_id == device_id)
+            return [self._update_view(s, u) for u in s.scalars(query)]
+
+    @staticmethod
+    def _update_view(s: Session, u: Update, with_events: bool = False) -> dict[str, Any]:
+        model = s.get(ModelVersion, u.model_version_id)
+        view: dict[str, Any] = {
+            "update_id": u.id,
+            "device_id": u.device_id,
+            "model_name": model.name if model else None,
+            "version": model.version if model else None,
+            "state": u.state,
+            "reason": u.reason,
+            "created": u.created,
+            "updated": u.updated,
+        }
+        if with_events:
+            events = s.scalars(
+                select(UpdateEvent).where(UpdateEvent.update_id == u.id).order_by(UpdateEvent.ts)
+            )
+            view["events"] = [
+                {"state": e.state, "reason": e.reason, "ts": e.ts, "detail": e.detail} for e in events
+            ]
+        return view
+
+    # -- ingest -------------------------------------------------------------------------------
+    async def on_device_state(self, device_id: str, state: DeviceState) -> None:
+        with self.sessions.begin() as s:
+            device = s.get(Device, device_id)
+            if device is None:
+                return
+            device.online = state.online
+            device.last_seen = time.time()
+            device.agent_version = state.agent_version
+            pending = list(
+                s.scalars(select(Update).where(Update.device_id == device_id, Update.state.in_(("pending",))))
+            )
+        if state.online:
+            for update in pending:  # offers made while the device was away
+                await self._send_offer(update)
+
+    def on_health(self, device_id: str, health: Health) -> None:
+        with self.sessions.begin() as s:
+            device = s.get(Device, device_id)
+            if device is None:
+                return
+            device.last_seen = time.time()
+            if health.seq > device.health_seq or health.seq == 0:
+                device.health_seq = health.seq
+                device.last_health = health.model_dump(mode="json")
+
+    def on_update_status(self, device_id: str, status: UpdateStatus) -> None:
+        with self.sessions.begin() as s:
+            s.add(
+                UpdateEvent(
+                    update_id=status.update_id,
+                    device_id=device_id,
+                    state=status.state.value,
+                    reason=status.reason[:2048],
+                    ts=status.ts,
+                    detail=status.detail,
+                )
+            )
+            update = s.get(Update, status.update_id)
+            if update is None or update.device_id != device_id:
+                return
+            if (
+                UpdateState(update.state).is_final
+                if update.state in UpdateState.__members__.values()
+                else False
+            ):
+                return
+            update.state = status.state.value
+            update.reason = status.reason[:2048]
+            update.updated = time.time()
+
+    def chunk_for(self, device_id: str, request: ChunkRequest) -> bytes | None:
+        """The frame answering a chunk request, read from the artifact; None for a request not allowed."""
+        with self.sessions() as s:
+            update = s.get(Update, request.update_id)
+            if update is None or update.device_id != device_id:
+                return None
+            model = s.get(ModelVersion, update.model_version_id)
+            assert model is not None
+        if request.offset >= model.size:
+            return None
+        with open(model.path, "rb") as f:
+            f.seek(request.offset)
+            data = f.read(min(request.length, model.size - request.offset))
+        return encode_chunk(
+            Chunk(update_id=request.update_id, offset=request.offset, total=model.size, data=data)
+        )

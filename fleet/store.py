@@ -1,0 +1,40 @@
+"""The fleet's data dir: database, artifacts, keys and secrets, each in its own place."""
+
+import os
+import secrets
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from models.signing import generate_private_key, load_private_key
+
+
+class FleetDataDir:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.database = root / "fleet.sqlite"
+        self.artifacts = root / "artifacts"
+        self.broker = root / "broker"
+        self.secrets = root / "secrets"
+        self.signing_key_path = self.secrets / "update-signing.pem"
+        self.password_file = self.broker / "passwd"
+        self.acl_file = self.broker / "acl"
+
+    def make_dirs(self) -> None:
+        for folder in (self.root, self.artifacts, self.broker):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.secrets.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def signing_key(self) -> Ed25519PrivateKey:
+        if not self.signing_key_path.exists():
+            return generate_private_key(self.signing_key_path)
+        return load_private_key(self.signing_key_path)
+
+    def secret(self, name: str) -> str:
+        """A generated secret, made on first use and kept 0600 in the data dir."""
+        path = self.secrets / name
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32))
+        return path.read_text().strip()

@@ -1,0 +1,34 @@
+"""The device <-> fleet contract: MQTT topic names, message schemas and binary frames.
+
+Imports nothing from `device` or `fleet`; both sides import this package.
+"""
+
+from protocol.errors import ProtocolError
+from protocol.messages import (
+    ChunkRequest,
+    DeviceState,
+    Health,
+    ModelHealth,
+    SignedUpdate,
+    UpdateMetadata,
+    UpdateOffer,
+    UpdateState,
+    UpdateStatus,
+    decode,
+    encode,
+)
+
+__all__ = [
+    "ChunkRequest",
+    "DeviceState",
+    "Health",
+    "ModelHealth",
+    "ProtocolError",
+    "SignedUpdate",
+    "UpdateMetadata",
+    "UpdateOffer",
+    "UpdateState",
+    "UpdateStatus",
+    "decode",
+    "encode",
+]

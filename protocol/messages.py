@@ -1,0 +1,150 @@
+"""Message schemas for every JSON payload on the topic tree.
+
+Every model forbids unknown fields, so a message from a newer or a broken peer fails loudly
+instead of being half-understood. `decode` is the one entry point for untrusted bytes.
+"""
+
+import json
+import time
+from enum import StrEnum
+from typing import Annotated, Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from protocol.errors import ProtocolError
+
+# No JSON message of the protocol comes near this; anything bigger is hostile or broken.
+MAX_JSON_PAYLOAD = 256 * 1024
+
+ModelName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UpdateState(StrEnum):
+    """The device's update state machine (see docs/architecture.md)."""
+
+    IDLE = "idle"
+    OFFERED = "offered"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    APPLYING = "applying"
+    STAGED = "staged"
+    TESTING = "testing"
+    PROBATION = "probation"
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled_back"
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (UpdateState.COMMITTED, UpdateState.ROLLED_BACK, UpdateState.FAILED)
+
+
+class DeviceState(Message):
+    """Retained on `<id>/state`; the Last Will publishes the offline form."""
+
+    device_id: str
+    online: bool
+    agent_version: str = ""
+    ts: float = Field(default_factory=time.time)
+
+
+class ModelHealth(Message):
+    name: str
+    version: int
+    slot: str
+    backend: str
+    inferences: int = 0
+    errors: int = 0
+    latency_ms_p50: float | None = None
+    latency_ms_p95: float | None = None
+
+
+class Health(Message):
+    device_id: str
+    seq: int = Field(ge=0)
+    ts: float
+    uptime_s: float
+    cpu_percent: float
+    memory_percent: float
+    disk_free_bytes: int
+    disk_percent: float
+    models: list[ModelHealth] = []
+    update_state: UpdateState = UpdateState.IDLE
+
+
+class UpdateMetadata(Message):
+    """What the fleet signs: the exact bytes a device may install, and for which model version."""
+
+    update_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    model_name: ModelName
+    version: int = Field(ge=1)
+    format: str = "package-tar"
+    sha256: Sha256Hex
+    size: int = Field(gt=0)
+    created: float
+    expires: float
+
+
+class SignedUpdate(Message):
+    metadata: UpdateMetadata
+    key_id: str = Field(min_length=1, max_length=64)
+    signature: str = Field(min_length=1, max_length=256)  # base64 Ed25519 over canonical JSON of `metadata`
+
+
+class UpdateOffer(Message):
+    """Published by the fleet on `<id>/cmd/update`."""
+
+    update: SignedUpdate
+    chunk_size: int = Field(default=256 * 1024, ge=1024, le=4 * 1024 * 1024)
+
+
+class ChunkRequest(Message):
+    """Published by the device on `<id>/update/chunk-req`; the fleet answers on `<id>/cmd/chunk`."""
+
+    update_id: str = Field(min_length=1, max_length=64)
+    offset: int = Field(ge=0)
+    length: int = Field(gt=0, le=4 * 1024 * 1024)
+
+
+class UpdateStatus(Message):
+    """Published by the device on `<id>/update/status` at every transition, with the reason."""
+
+    device_id: str
+    update_id: str
+    model_name: str
+    version: int
+    state: UpdateState
+    reason: str = ""
+    ts: float = Field(default_factory=time.time)
+    detail: dict[str, Any] = {}
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def decode(model: type[M], payload: bytes | bytearray | str, *, topic: str | None = None) -> M:
+    """Parse untrusted bytes into `model`; any problem becomes a ProtocolError naming what was wrong."""
+    if len(payload) > MAX_JSON_PAYLOAD:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_JSON_PAYLOAD}", topic=topic)
+    try:
+        raw = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"not valid JSON ({e})", topic=topic) from e
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"expected a JSON object, got {type(raw).__name__}", topic=topic)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()[:5]
+        )
+        raise ProtocolError(f"not a valid {model.__name__} ({problems})", topic=topic) from e
+
+
+def encode(message: BaseModel) -> bytes:
+    return message.model_dump_json().encode()
