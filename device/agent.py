@@ -163,7 +163,7 @@ class Agent:
             asyncio.create_task(self.updater.recover(), name="recover"),
             asyncio.create_task(server.serve(), name="api"),
         ]
-        await self._announce_port(server)
+        await self._announce_port(server, tasks[-1])
         await stop.wait()
         log.info("stopping")
         self.pipeline.stop()
@@ -174,9 +174,14 @@ class Agent:
         await asyncio.gather(*tasks, return_exceptions=True)
         self.engine.close()
 
-    async def _announce_port(self, server: uvicorn.Server) -> None:
+    async def _announce_port(self, server: uvicorn.Server, serving: asyncio.Task[None]) -> None:
         """Record the API's real port (it may have been 0 = any) so tools and tests can find it."""
         while not server.started:
+            if serving.done():
+                raise ConfigError(
+                    f"the local API could not start on {self.config.api_host}:{self.config.api_port}"
+                    " (port in use?)"
+                )
             await asyncio.sleep(0.05)
         sockets = [s for srv in server.servers for s in (srv.sockets or [])]
         self.api_port = sockets[0].getsockname()[1] if sockets else self.config.api_port

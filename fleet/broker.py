@@ -1,6 +1,8 @@
 """The embedded default broker: Mosquitto as a managed child process with a generated config."""
 
 import logging
+import os
+import pwd
 import shutil
 import signal
 import socket
@@ -61,7 +63,10 @@ class ManagedBroker:
             "log_type error\nlog_type warning\nlog_type notice\n"
             "max_queued_messages 10000\n"
             # Largest legal message: a 4 MiB chunk plus its frame header.
-            "message_size_limit 0\nmax_packet_size 5242880\n"
+            "max_packet_size 5242880\n"
+            # Mosquitto started as root drops to user `mosquitto`, which cannot read the fleet's
+            # data dir; the embedded broker runs as whoever runs the fleet.
+            f"user {pwd.getpwuid(os.getuid()).pw_name}\n"
         )
 
     def start(self, timeout: float = 10.0) -> None:

@@ -140,4 +140,3 @@ def read_archive_manifest(archive: Path) -> Manifest:
             return parse_manifest(_read_member(tar, first, 1024 * 1024))
     except (tarfile.TarError, EOFError) as e:
         raise PackageError(f"{archive} is not a readable package archive: {e}") from e
-

@@ -1,0 +1,49 @@
+# The two commands a new user needs: `make demo` and `make test`. Both set up what they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test lint typecheck unit e2e mosquitto models clean
+
+demo: $(STAMP) mosquitto
+	$(BIN)/edgefleet demo
+
+test: $(STAMP) mosquitto lint typecheck
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest -m "not e2e"
+
+e2e: $(STAMP) mosquitto
+	$(BIN)/pytest -m e2e
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[device,fleet,dev]'
+	touch $(STAMP)
+
+# Debian's Mosquitto, only where it is missing (it lives in /usr/sbin, which may not be on PATH).
+mosquitto:
+	@command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || { \
+	  echo "installing Debian's mosquitto"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mosquitto >/dev/null; }
+
+# Retrain the sample models (needs torch, CPU build, from the [train] extra) and rebuild their packages.
+models: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[train]'
+	$(BIN)/python -m models.zoo.train_surface
+	$(BIN)/python -m models.zoo.build_packages
+
+clean:
+	rm -rf demo-run .pytest_cache .mypy_cache .ruff_cache

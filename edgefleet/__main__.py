@@ -1,0 +1,3 @@
+from edgefleet.cli import app
+
+app(prog_name="edgefleet")

@@ -1,0 +1,106 @@
+"""The local API over a real socket: auth, Open Inference Protocol v2, and bad requests."""
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+
+from device.api import create_app
+from device.engine.engine import Engine
+from edgefleet.procs import free_port, wait_for
+from models.manifest import load_manifest
+
+TOKEN = "test-token-123"
+
+
+@pytest.fixture
+def api(engine: Engine, zoo: Path) -> Iterator[str]:
+    engine.serve(engine.prepare(zoo / "v1", load_manifest(zoo / "v1")))
+    port = free_port()
+    app = create_app(engine, lambda: {"device_id": "dev-a"}, TOKEN)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for("the API", lambda: server.started, 10, 0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKEN}"}
+
+
+def infer_body(array: np.ndarray, name: str = "image", datatype: str = "FP32") -> dict[str, object]:
+    return {
+        "inputs": [
+            {"name": name, "shape": list(array.shape), "datatype": datatype, "data": array.ravel().tolist()}
+        ]
+    }
+
+
+def test_liveness_needs_no_auth_but_everything_else_does(api: str) -> None:
+    assert httpx.get(f"{api}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{api}/v2/health/live").status_code == 200
+    for path in ("/api/status", "/v2/health/ready", "/v2/models/surface-defect"):
+        assert httpx.get(f"{api}{path}").status_code == 401
+        assert httpx.get(f"{api}{path}", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(f"{api}/api/status", headers=auth()).json() == {"device_id": "dev-a"}
+
+
+def test_v2_metadata_and_infer(api: str) -> None:
+    meta = httpx.get(f"{api}/v2/models/surface-defect", headers=auth()).json()
+    assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 3, 64, 64]}]
+    array = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    response = httpx.post(
+        f"{api}/v2/models/surface-defect/infer", json={**infer_body(array), "id": "r1"}, headers=auth()
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["id"] == "r1" and body["model_version"] == "1"
+    assert body["outputs"][0]["name"] == "logits" and body["outputs"][0]["shape"] == [2, 4]
+    assert len(body["outputs"][0]["data"]) == 8
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (infer_body(np.zeros((1, 3, 32, 32), np.float32)), 400, "shape"),
+        (infer_body(np.zeros((1, 3, 64, 64), np.float32), name="x"), 400, "inputs must be exactly"),
+        (infer_body(np.zeros((1, 3, 64, 64), np.float32), datatype="FP64"), 400, "unknown datatype"),
+        (
+            {"inputs": [{"name": "image", "shape": [1, 3, 64, 64], "datatype": "FP32", "data": [1, 2]}]},
+            400,
+            "do not fill",
+        ),
+        ({"inputs": []}, 422, ""),
+    ],
+)
+def test_bad_requests_get_4xx_with_a_reason(
+    api: str, body: dict[str, object], status: int, message: str
+) -> None:
+    response = httpx.post(f"{api}/v2/models/surface-defect/infer", json=body, headers=auth())
+    assert response.status_code == status
+    assert message in response.text
+
+
+def test_unknown_model_is_404(api: str) -> None:
+    response = httpx.post(
+        f"{api}/v2/models/nope/infer", json=infer_body(np.zeros(1, np.float32)), headers=auth()
+    )
+    assert response.status_code == 404
+
+
+def test_oversized_body_is_413(api: str) -> None:
+    big = b"0" * (17 * 1024 * 1024)
+    response = httpx.post(
+        f"{api}/v2/models/surface-defect/infer",
+        content=big,
+        headers={**auth(), "Content-Type": "application/json"},
+    )
+    assert response.status_code == 413
+    assert "exceeds" in response.json()["error"]

@@ -1,0 +1,195 @@
+"""The updater against an in-memory fleet: every check that must hold before a model is used."""
+
+import asyncio
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from device.engine.engine import Engine
+from device.slots import ModelSlots
+from device.updater import Updater
+from models.signing import key_id, sign
+from protocol.frames import Chunk
+from protocol.messages import SignedUpdate, UpdateMetadata, UpdateOffer, UpdateState, UpdateStatus
+
+
+class MemoryFleet:
+    """Implements FleetTransport over bytes in memory."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.statuses: list[UpdateStatus] = []
+
+    async def publish_update_status(self, status: UpdateStatus) -> None:
+        self.statuses.append(status)
+
+    async def fetch_chunk(self, update_id: str, offset: int, length: int, timeout: float) -> Chunk:
+        return Chunk(update_id, offset, len(self.payload), self.payload[offset : offset + length])
+
+    @property
+    def states(self) -> list[str]:
+        return [s.state.value for s in self.statuses]
+
+
+def offer_for(
+    payload: bytes, key: Ed25519PrivateKey, *, version: int = 2, **overrides: object
+) -> UpdateOffer:
+    fields = {
+        "update_id": "u1",
+        "model_name": "surface-defect",
+        "version": version,
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "size": len(payload),
+        "created": time.time(),
+        "expires": time.time() + 3600,
+        **overrides,
+    }
+    metadata = UpdateMetadata.model_validate(fields)
+    kid, signature = sign(metadata.model_dump(mode="json"), key)
+    return UpdateOffer(
+        update=SignedUpdate(metadata=metadata, key_id=kid, signature=signature), chunk_size=64 * 1024
+    )
+
+
+@pytest.fixture
+def serving_v1(engine: Engine, data_dir: Path) -> Engine:
+    slots = ModelSlots(data_dir / "models" / "surface-defect")
+    engine.serve(engine.prepare(slots.active_dir(), slots.active_manifest()))
+    return engine
+
+
+def make_updater(data_dir: Path, engine: Engine, fleet: MemoryFleet, key: Ed25519PrivateKey) -> Updater:
+    return Updater(
+        "dev-a", data_dir, engine, fleet, {key_id(key.public_key()): key.public_key()}, probation_s=0
+    )
+
+
+def run_offer(updater: Updater, offer: UpdateOffer) -> None:
+    asyncio.run(updater.handle_offer(offer))
+
+
+def assert_still_serving_v1(engine: Engine, data_dir: Path) -> None:
+    assert engine.get("surface-defect").manifest.version == 1
+    assert ModelSlots(data_dir / "models" / "surface-defect").active_slot() == "a"
+
+
+def test_good_update_is_committed(
+    serving_v1: Engine, data_dir: Path, archives: dict[int, Path], signing_key: Ed25519PrivateKey
+) -> None:
+    payload = archives[2].read_bytes()
+    fleet = MemoryFleet(payload)
+    updater = make_updater(data_dir, serving_v1, fleet, signing_key)
+    run_offer(updater, offer_for(payload, signing_key))
+    assert fleet.states == [
+        "offered",
+        "downloading",
+        "verifying",
+        "applying",
+        "staged",
+        "testing",
+        "probation",
+        "committed",
+    ]
+    assert serving_v1.get("surface-defect").manifest.version == 2
+    assert ModelSlots(data_dir / "models" / "surface-defect").active_slot() == "b"
+    journal = json.loads((data_dir / "update-journal.json").read_text())
+    assert journal["state"] == "committed" and journal["target_slot"] == "b"
+    assert not list((data_dir / "downloads").iterdir()), "the download is removed after commit"
+
+
+def test_bad_signature_is_refused_before_download(
+    serving_v1: Engine, data_dir: Path, archives: dict[int, Path], signing_key: Ed25519PrivateKey
+) -> None:
+    payload = archives[2].read_bytes()
+    fleet = MemoryFleet(payload)
+    offer = offer_for(payload, Ed25519PrivateKey.generate())  # signed by a key the device does not trust
+    run_offer(make_updater(data_dir, serving_v1, fleet, signing_key), offer)
+    assert fleet.states == ["offered", "failed"]
+    assert "unknown key" in fleet.statuses[-1].reason
+    assert_still_serving_v1(serving_v1, data_dir)
+
+
+def test_tampered_metadata_is_refused(
+    serving_v1: Engine, data_dir: Path, archives: dict[int, Path], signing_key: Ed25519PrivateKey
+) -> None:
+    payload = archives[2].read_bytes()
+    offer = offer_for(payload, signing_key)
+    forged = offer.update.model_copy(
+        update={"metadata": offer.update.metadata.model_copy(update={"version": 9})}
+    )
+    fleet = MemoryFleet(payload)
+    run_offer(make_updater(data_dir, serving_v1, fleet, signing_key), UpdateOffer(update=forged))
+    assert fleet.states == ["offered", "failed"] and "does not verify" in fleet.statuses[-1].reason
+    assert_still_serving_v1(serving_v1, data_dir)
+
+
+def test_payload_that_does_not_match_its_hash_is_refused(
+    serving_v1: Engine, data_dir: Path, archives: dict[int, Path], signing_key: Ed25519PrivateKey
+) -> None:
+    payload = archives[2].read_bytes()
+    altered = bytearray(payload)
+    altered[len(altered) // 2] ^= 0xFF
+    fleet = MemoryFleet(bytes(altered))
+    run_offer(make_updater(data_dir, serving_v1, fleet, signing_key), offer_for(payload, signing_key))
+    assert fleet.states[-1] == "failed" and "sha256" in fleet.statuses[-1].reason
+    assert_still_serving_v1(serving_v1, data_dir)
+    assert not list((data_dir / "downloads").iterdir()), "a bad payload is discarded"
+
+
+def test_truncated_payload_is_refused(
+    serving_v1: Engine, data_dir: Path, archives: dict[int, Path], signing_key: Ed25519PrivateKey
+) -> None:
+    payload = archives[2].read_bytes()
+    fleet = MemoryFleet(payload[: len(payload) // 2])
+    run_offer(make_updater(data_dir, serving_v1, fleet, signing_key), offer_for(payload, signing_key))
+    assert fleet.states[-1] == "failed" and "does not fit" in fleet.statuses[-1].reason
+    assert_still_serving_v1(serving_v1, data_dir)
+
+
+def test_older_version_is_refused(
+    serving_v1: Engine, data_dir: Path, archives: dict[int, Path], signing_key: Ed25519PrivateKey
+) -> None:
+    payload = archives[1].read_bytes()
+    fleet = MemoryFleet(payload)
+    run_offer(
+        make_updater(data_dir, serving_v1, fleet, signing_key), offer_for(payload, signing_key, version=1)
+    )
+    assert fleet.states == ["offered", "failed"] and "not newer" in fleet.statuses[-1].reason
+
+
+def test_package_that_contradicts_its_metadata_is_refused(
+    serving_v1: Engine, data_dir: Path, archives: dict[int, Path], signing_key: Ed25519PrivateKey
+) -> None:
+    payload = archives[2].read_bytes()  # holds v2, signed as v3
+    fleet = MemoryFleet(payload)
+    run_offer(
+        make_updater(data_dir, serving_v1, fleet, signing_key), offer_for(payload, signing_key, version=3)
+    )
+    assert fleet.states[-1] == "failed" and "signed metadata says" in fleet.statuses[-1].reason
+    assert_still_serving_v1(serving_v1, data_dir)
+
+
+def test_restart_mid_update_fails_it_and_keeps_the_old_model(
+    serving_v1: Engine, data_dir: Path, archives: dict[int, Path], signing_key: Ed25519PrivateKey
+) -> None:
+    payload = archives[2].read_bytes()
+    offer = offer_for(payload, signing_key)
+    journal = {
+        "update": offer.update.model_dump(mode="json"),
+        "state": "applying",
+        "reason": "",
+        "target_slot": "b",
+        "previous_slot": "a",
+        "history": [],
+    }
+    (data_dir / "update-journal.json").write_text(json.dumps(journal))
+    fleet = MemoryFleet(payload)
+    updater = make_updater(data_dir, serving_v1, fleet, signing_key)
+    asyncio.run(updater.recover())
+    assert fleet.states == ["failed"] and "restarted during applying" in fleet.statuses[0].reason
+    assert updater.state is UpdateState.FAILED
+    assert_still_serving_v1(serving_v1, data_dir)

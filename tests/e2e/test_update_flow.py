@@ -1,0 +1,85 @@
+"""A real Mosquitto, a real fleet server and a real device agent as processes; a real update."""
+
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from edgefleet.demo import DeviceProcess, FleetProcess, drop_images
+from edgefleet.procs import wait_for
+from fleet.client import FleetClient
+
+pytestmark = pytest.mark.e2e
+STATES = ["offered", "downloading", "verifying", "applying", "staged", "testing", "probation", "committed"]
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[FleetProcess]:
+    fleet = FleetProcess(tmp_path / "fleet")
+    fleet.start()
+    yield fleet
+    fleet.stop()
+
+
+@pytest.fixture
+def device(fleet: FleetProcess, archives: dict[int, Path], tmp_path: Path) -> Iterator[DeviceProcess]:
+    assert fleet.client is not None
+    for archive in archives.values():
+        fleet.client.push_model(archive)
+    device = DeviceProcess("cam-1", tmp_path / "cam-1")
+    device.provision(fleet.client, archives[1], probation_s=1.0)
+    device.start()
+    wait_for("the device to come online", partial(online, fleet.client, "cam-1"), 30)
+    yield device
+    device.stop()
+
+
+def online(client: FleetClient, device_id: str) -> bool:
+    return bool(client.device(device_id)["online"])
+
+
+def final_state(client: FleetClient, update_id: str) -> str | None:
+    state = client.update(update_id)["state"]
+    return state if state in ("committed", "failed", "rolled_back") else None
+
+
+def test_update_is_pushed_applied_and_reported(fleet: FleetProcess, device: DeviceProcess) -> None:
+    client = fleet.client
+    assert client is not None
+    drop_images(device, 5, seed=1)
+    wait_for("v1 inferences", lambda: device.inferred(1) >= 5, 30)
+
+    (update,) = client.start_update("surface-defect", 2, ["cam-1"])
+    assert wait_for("the update to end", partial(final_state, client, update["update_id"]), 60) == "committed"
+
+    events = client.update(update["update_id"])["events"]
+    assert [e["state"] for e in events] == STATES
+    status = device.status()
+    assert status["models"][0]["version"] == 2 and status["models"][0]["slot"] == "b"
+    drop_images(device, 5, seed=2)
+    wait_for("v2 inferences", lambda: device.inferred(2) >= 5, 30)
+    wait_for(
+        "the fleet to see v2 in health",
+        lambda: client.device("cam-1")["health"]["models"][0]["version"] == 2,
+        30,
+    )
+
+
+def test_an_update_the_device_refuses_leaves_it_serving(fleet: FleetProcess, device: DeviceProcess) -> None:
+    client = fleet.client
+    assert client is not None
+    (update,) = client.start_update("surface-defect", 1, ["cam-1"])  # not newer than what it runs
+    assert wait_for("the update to end", partial(final_state, client, update["update_id"]), 60) == "failed"
+    assert "not newer" in client.update(update["update_id"])["reason"]
+    status = device.status()
+    assert status["models"][0]["version"] == 1 and status["link"]["connected"]
+
+
+def test_device_going_offline_is_seen_through_its_last_will(
+    fleet: FleetProcess, device: DeviceProcess
+) -> None:
+    client = fleet.client
+    assert client is not None and device.child is not None
+    device.child.kill()  # no clean goodbye: the broker publishes the Last Will
+    wait_for("the fleet to see the device offline", lambda: not client.device("cam-1")["online"], 60)

@@ -1,0 +1,46 @@
+import json
+
+import pytest
+
+from models.errors import ManifestError
+from models.manifest import parse_manifest
+
+from .conftest import FIELDS
+
+SHA = "0" * 64
+
+
+def manifest(**changes: object) -> bytes:
+    return json.dumps({**FIELDS, "files": {"model.onnx": {"size": 1, "sha256": SHA}}, **changes}).encode()
+
+
+def test_valid_manifest_parses() -> None:
+    parsed = parse_manifest(manifest())
+    assert parsed.name == "tiny" and parsed.inputs[0].shape == [-1, 4]
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"version": 0}, "version"),
+        ({"format": "pickle"}, "format"),
+        ({"name": "Bad Name"}, "name"),
+        ({"colour": "red"}, "colour"),
+        ({"inputs": []}, "inputs"),
+        ({"latency_budget_ms": -1}, "latency_budget_ms"),
+        ({"files": {"../escape": {"size": 1, "sha256": SHA}}}, "files"),
+    ],
+)
+def test_errors_name_the_field(changes: dict[str, object], field: str) -> None:
+    with pytest.raises(ManifestError, match=field):
+        parse_manifest(manifest(**changes))
+
+
+def test_model_file_must_be_listed() -> None:
+    with pytest.raises(ManifestError, match=r"lacks 'model\.onnx'"):
+        parse_manifest(manifest(files={}))
+
+
+def test_not_json() -> None:
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        parse_manifest(b"{")
