@@ -259,7 +259,7 @@ def _summary_row(device: DeviceProcess, update: dict[str, Any]) -> dict[str, Any
         "inferred v1": status["pipeline"]["inferred_by_version"].get("1", 0),
         "inferred v2": status["pipeline"]["inferred_by_version"].get("2", 0),
         "update s": f"{committed - offered:.2f}",
-        "probation": "incl.",
+        "defects found": sum(n for label, n in status["pipeline"]["labels"].items() if label != "ok"),
     }
 
 

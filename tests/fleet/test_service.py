@@ -1,0 +1,110 @@
+"""The fleet's logic on a real SQLite file, with publishing captured instead of sent."""
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from fleet.db import open_database
+from fleet.errors import Conflict, InvalidRequest, NotFound
+from fleet.service import FleetService
+from fleet.store import FleetDataDir
+from models.signing import key_id, load_public_key, verify
+from protocol import topics
+from protocol.frames import decode_chunk
+from protocol.messages import ChunkRequest, UpdateOffer, UpdateState, UpdateStatus, decode
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> FleetService:
+    data = FleetDataDir(tmp_path / "fleet")
+    data.make_dirs()
+    service = FleetService(data, open_database(data.database), "mqtt://127.0.0.1:1883", chunk_size=4096)
+    sent: list[tuple[str, bytes]] = []
+
+    async def publish(topic: str, payload: bytes, qos: int) -> None:
+        sent.append((topic, payload))
+
+    service.publish = publish
+    service.sent = sent  # type: ignore[attr-defined]
+    return service
+
+
+def test_enrollment_gives_credentials_and_the_signing_key(service: FleetService) -> None:
+    enrollment = service.add_device("cam-1")
+    assert enrollment["mqtt_password"] and enrollment["fleet_url"] == "mqtt://127.0.0.1:1883"
+    load_public_key(enrollment["fleet_public_keys"][0])
+    passwd = service.data.password_file.read_text()
+    assert passwd.startswith("cam-1:$7$") and enrollment["mqtt_password"] not in passwd
+    with pytest.raises(Conflict):
+        service.add_device("cam-1")
+    with pytest.raises(InvalidRequest, match="invalid device id"):
+        service.add_device("../../etc")
+
+
+def test_registry_verifies_and_keeps_versions_immutable(
+    service: FleetService, archives: dict[int, Path], tmp_path: Path
+) -> None:
+    model = service.register_model(archives[1])
+    assert (model["name"], model["version"]) == ("surface-defect", 1)
+    assert service.register_model(archives[1]) == model  # the same bytes again: idempotent
+    corrupt = tmp_path / "corrupt.tar"
+    data = bytearray(archives[1].read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside a file, not in the tar padding
+    corrupt.write_bytes(bytes(data))
+    with pytest.raises(InvalidRequest, match="not a valid model package"):
+        service.register_model(corrupt)
+
+
+def test_offer_is_signed_and_chunks_are_served_to_that_device_only(
+    service: FleetService, archives: dict[int, Path]
+) -> None:
+    service.add_device("cam-1")
+    service.add_device("cam-2")
+    service.register_model(archives[2])
+    with pytest.raises(NotFound):
+        asyncio.run(service.start_update("surface-defect", 9, ["cam-1"]))
+    (update,) = asyncio.run(service.start_update("surface-defect", 2, ["cam-1"]))
+    topic, payload = service.sent[-1]  # type: ignore[attr-defined]
+    assert topic == topics.device_topic("cam-1", topics.CMD_UPDATE)
+    offer = decode(UpdateOffer, payload)
+    public = load_public_key(service.add_device("cam-3")["fleet_public_keys"][0])
+    verify(
+        offer.update.metadata.model_dump(mode="json"),
+        offer.update.key_id,
+        offer.update.signature,
+        {key_id(public): public},
+    )
+    assert offer.update.metadata.sha256 == hashlib.sha256(archives[2].read_bytes()).hexdigest()
+
+    request = ChunkRequest(update_id=update["update_id"], offset=4096, length=4096)
+    chunk = decode_chunk(service.chunk_for("cam-1", request) or b"")
+    assert chunk.data == archives[2].read_bytes()[4096:8192]
+    assert service.chunk_for("cam-2", request) is None, "another device's payload is not served"
+
+
+def test_statuses_move_the_update_until_it_is_final(service: FleetService, archives: dict[int, Path]) -> None:
+    service.add_device("cam-1")
+    service.register_model(archives[2])
+    (update,) = asyncio.run(service.start_update("surface-defect", 2, ["cam-1"]))
+
+    def report(device: str, state: UpdateState) -> None:
+        service.on_update_status(
+            device,
+            UpdateStatus(
+                device_id=device,
+                update_id=update["update_id"],
+                model_name="surface-defect",
+                version=2,
+                state=state,
+            ),
+        )
+
+    report("cam-1", UpdateState.DOWNLOADING)
+    assert service.get_update(update["update_id"])["state"] == "downloading"
+    report("cam-1", UpdateState.COMMITTED)
+    report("cam-1", UpdateState.FAILED)  # a late duplicate cannot reopen a final update
+    view = service.get_update(update["update_id"])
+    assert view["state"] == "committed"
+    assert [e["state"] for e in view["events"]] == ["downloading", "committed", "failed"]
