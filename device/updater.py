@@ -26,6 +26,7 @@ from device.transport import FleetTransport
 from device.update_machine import Event, next_state
 from models.errors import ModelError
 from models.signing import verify
+from protocol.frames import Chunk
 from protocol.messages import SignedUpdate, UpdateOffer, UpdateState, UpdateStatus
 
 log = logging.getLogger(__name__)
@@ -216,7 +217,7 @@ class Updater:
             out.flush()
         return part
 
-    async def _fetch_with_retries(self, update_id: str, offset: int, length: int) -> Any:
+    async def _fetch_with_retries(self, update_id: str, offset: int, length: int) -> Chunk:
         for attempt in range(1, CHUNK_ATTEMPTS + 1):
             try:
                 return await self.transport.fetch_chunk(update_id, offset, length, CHUNK_TIMEOUT_S)

@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/demo/bench_demo.py --runs 3
 
-The update time includes the device's probation window (3 s in the demo), which dominates it.
+Update times count from the device's `offered`: `switched` when the new model passed its golden vectors and
+serves, `committed` after the probation window (3 s in the demo).
 """
 
 import argparse
@@ -25,16 +26,23 @@ def main() -> None:
         start = time.monotonic()
         result = run_demo(args.workdir)
         total = time.monotonic() - start
-        updates = [float(row["update s"]) for row in result["devices"]]
         runs.append(
-            {"run": i, "until_summary_s": result["wall_s"], "with_shutdown_s": total, "update_s": updates}
+            {
+                "run": i,
+                "until_summary_s": result["wall_s"],
+                "with_shutdown_s": total,
+                "switched_s": [float(row["switched s"]) for row in result["devices"]],
+                "committed_s": [float(row["committed s"]) for row in result["devices"]],
+            }
         )
     summary = {
         "runs": runs,
         "median_until_summary_s": statistics.median(r["until_summary_s"] for r in runs),
         "median_with_shutdown_s": statistics.median(r["with_shutdown_s"] for r in runs),
-        "median_update_s": statistics.median(u for r in runs for u in r["update_s"]),
-        "max_update_s": max(u for r in runs for u in r["update_s"]),
+        "median_switched_s": statistics.median(u for r in runs for u in r["switched_s"]),
+        "max_switched_s": max(u for r in runs for u in r["switched_s"]),
+        "median_committed_s": statistics.median(u for r in runs for u in r["committed_s"]),
+        "max_committed_s": max(u for r in runs for u in r["committed_s"]),
     }
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2))
