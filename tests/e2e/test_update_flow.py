@@ -4,6 +4,7 @@ from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
+import httpx
 import pytest
 
 from edgefleet.demo import DeviceProcess, FleetProcess, drop_images
@@ -83,3 +84,23 @@ def test_device_going_offline_is_seen_through_its_last_will(
     assert client is not None and device.child is not None
     device.child.kill()  # no clean goodbye: the broker publishes the Last Will
     wait_for("the fleet to see the device offline", lambda: not client.device("cam-1")["online"], 60)
+
+
+def test_a_device_offline_at_offer_time_gets_it_when_it_returns(
+    fleet: FleetProcess, device: DeviceProcess
+) -> None:
+    client = fleet.client
+    assert client is not None
+    device.stop()
+    wait_for("the fleet to see the device offline", lambda: not client.device("cam-1")["online"], 30)
+    (update,) = client.start_update("surface-defect", 2, ["cam-1"])
+    assert client.update(update["update_id"])["state"] == "pending"
+    device.start()
+    assert wait_for("the update to end", partial(final_state, client, update["update_id"]), 60) == "committed"
+
+
+def test_the_fleet_api_needs_the_operator_token(fleet: FleetProcess) -> None:
+    assert httpx.get(f"{fleet.url}/healthz").status_code == 200
+    for path in ("/api/devices", "/api/models", "/api/updates"):
+        assert httpx.get(f"{fleet.url}{path}").status_code == 401
+        assert httpx.get(f"{fleet.url}{path}", headers={"Authorization": "Bearer nope"}).status_code == 401

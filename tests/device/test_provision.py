@@ -1,0 +1,51 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from device.config import DataDir
+from device.errors import ConfigError
+from device.provision import load_enrollment, provision
+from models.signing import public_key_pem
+
+
+def enrollment(device_id: str = "cam-1") -> dict[str, object]:
+    return {
+        "device_id": device_id,
+        "fleet_url": "mqtt://127.0.0.1:1883",
+        "mqtt_password": "s3cret",
+        "fleet_public_keys": [public_key_pem(Ed25519PrivateKey.generate())],
+    }
+
+
+def test_provision_writes_config_secrets_keys_and_slot_a(tmp_path: Path, archives: dict[int, Path]) -> None:
+    manifest = provision(tmp_path / "d", enrollment(), archives[1], api_port=9999)
+    data = DataDir(tmp_path / "d")
+    assert manifest.version == 1 and data.load_config().api_port == 9999
+    assert (data.models / "surface-defect" / "current").readlink().name == "a"
+    assert os.stat(data.secrets / "mqtt-password").st_mode & 0o777 == 0o600
+    assert os.stat(data.secrets / "api-token").st_mode & 0o777 == 0o600
+    assert len(list(data.fleet_keys.glob("*.pem"))) == 1
+    with pytest.raises(ConfigError, match="already provisioned"):
+        provision(tmp_path / "d", enrollment(), archives[1])
+
+
+@pytest.mark.parametrize(
+    ("broken", "message"), [({"device_id": "Bad/Id"}, "invalid device id"), ({"mqtt_password": None}, "lacks")]
+)
+def test_bad_enrollment_is_refused(
+    tmp_path: Path, archives: dict[int, Path], broken: dict[str, object], message: str
+) -> None:
+    data = {k: v for k, v in {**enrollment(), **broken}.items() if v is not None}
+    with pytest.raises(ConfigError, match=message):
+        provision(tmp_path / "d", data, archives[1])
+    assert not (tmp_path / "d" / "device.json").exists()
+
+
+def test_enrollment_file_must_be_a_json_object(tmp_path: Path) -> None:
+    path = tmp_path / "e.json"
+    path.write_text(json.dumps([1, 2]))
+    with pytest.raises(ConfigError, match="not a JSON object"):
+        load_enrollment(path)

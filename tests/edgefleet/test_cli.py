@@ -1,0 +1,32 @@
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from edgefleet.cli import app
+
+runner = CliRunner()
+
+
+def test_version_as_a_user_runs_it() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "edgefleet", "--version"], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.startswith("edgefleet ")
+
+
+def test_models_pack_inspect_verify(zoo: Path, tmp_path: Path) -> None:
+    archive = tmp_path / "v2.tar"
+    assert runner.invoke(app, ["models", "pack", str(zoo / "v2"), "-o", str(archive)]).exit_code == 0
+    inspected = runner.invoke(app, ["models", "inspect", str(archive)])
+    assert inspected.exit_code == 0 and '"version": 2' in inspected.output
+    verified = runner.invoke(app, ["models", "verify", str(archive)])
+    assert verified.exit_code == 0 and "ok: surface-defect v2" in verified.output
+
+
+def test_verify_fails_clearly_on_a_tampered_package(package_copy: Path) -> None:
+    (package_copy / "golden.npz").write_bytes(b"tampered")
+    result = runner.invoke(app, ["models", "verify", str(package_copy)])
+    assert result.exit_code == 1
+    assert "golden.npz" in result.output
