@@ -33,7 +33,8 @@ def test_provision_writes_config_secrets_keys_and_slot_a(tmp_path: Path, archive
 
 
 @pytest.mark.parametrize(
-    ("broken", "message"), [({"device_id": "Bad/Id"}, "invalid device id"), ({"mqtt_password": None}, "lacks")]
+    ("broken", "message"),
+    [({"device_id": "Bad/Id"}, "invalid device id"), ({"mqtt_password": None}, "lacks")],
 )
 def test_bad_enrollment_is_refused(
     tmp_path: Path, archives: dict[int, Path], broken: dict[str, object], message: str
