@@ -11,6 +11,8 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from models.delta.cli import app as delta_app
+
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help="Edge AI fleet: device agent and fleet server."
 )
@@ -20,6 +22,7 @@ models_app = typer.Typer(no_args_is_help=True, help="Model packages: pack, inspe
 app.add_typer(device_app, name="device")
 app.add_typer(fleet_app, name="fleet")
 app.add_typer(models_app, name="models")
+app.add_typer(delta_app, name="delta", help="Tensor-aware model deltas: encode, apply, info.")
 
 DataDirOpt = Annotated[Path, typer.Option("--data-dir", help="the data dir")]
 
