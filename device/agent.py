@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from device.api import create_app
 from device.config import DataDir, DeviceConfig
@@ -21,9 +23,11 @@ from device.health import collect, model_health
 from device.link import DeviceLink
 from device.pipeline import FolderPipeline
 from device.slots import ModelSlots
+from device.telemetry.outbox import Kind, Outbox
+from device.telemetry.sender import TelemetrySender
 from device.updater import Updater
-from models.signing import key_id, load_public_key
-from protocol.messages import UpdateOffer
+from models.signing import key_id, load_private_key, load_public_key, public_key_pem
+from protocol.messages import TelemetryRecord, UpdateOffer, encode
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,16 @@ def agent_version() -> str:
         return version("edgefleet")
     except PackageNotFoundError:
         return "0+unknown"
+
+
+def load_fleet_telemetry_key(path: Path) -> X25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read the fleet's telemetry key {path}: {e}; provision again") from e
+    if not isinstance(key, X25519PublicKey):
+        raise ConfigError(f"{path} is not an X25519 public key")
+    return key
 
 
 def load_trusted_keys(folder: Path) -> dict[str, Ed25519PublicKey]:
@@ -60,8 +74,23 @@ class Agent:
         self.started = time.time()
         self.version = agent_version()
         self.engine = Engine(probe(), pinned=config.backend)
+        device_key = load_private_key(data.device_key)
         self.link = DeviceLink(
-            config.device_id, config.fleet_url, data.secret("mqtt-password"), self._on_offer, self.version
+            config.device_id,
+            config.fleet_url,
+            data.secret("mqtt-password"),
+            self._on_offer,
+            self.version,
+            public_key=public_key_pem(device_key),
+        )
+        self.outbox = Outbox(data.outbox, config.telemetry_max_bytes)
+        self.sender = TelemetrySender(
+            self.outbox,
+            config.device_id,
+            device_key,
+            load_fleet_telemetry_key(data.fleet_telemetry_key),
+            self.link.connected,
+            self.link.publish_telemetry,
         )
         self.updater = Updater(
             config.device_id,
@@ -114,12 +143,26 @@ class Agent:
                 "labels": dict(self.pipeline.by_label) if self.pipeline else {},
                 "rejected": self.pipeline.rejected_count if self.pipeline else 0,
             },
+            "telemetry": {
+                "pending": self.outbox.stats().pending,
+                "sent": self.sender.sent,
+                "evicted": {str(k): v for k, v in self.outbox.stats().evicted_by_kind.items()},
+            },
             "hardware": self.engine.profile.to_dict(),
         }
+
+    def record_metric(self, result: dict[str, Any]) -> None:
+        """Called by the pipeline thread for every result; durable once this returns."""
+        self._queue(Kind.METRIC, result)
+
+    def _queue(self, kind: Kind, body: dict[str, Any]) -> None:
+        self.outbox.put(kind, encode(TelemetryRecord(kind=kind.value, ts=time.time(), body=body)))
+        self.sender.wakeup_threadsafe()
 
     async def _health_loop(self) -> None:
         while True:
             slots_of = {name: s.active_slot() for name, s in self.slots.items()}
+            stats = await asyncio.to_thread(self.outbox.stats)
             health = await asyncio.to_thread(
                 collect,
                 self.config.device_id,
@@ -128,9 +171,13 @@ class Agent:
                 self.data.root,
                 model_health(self.engine, slots_of),
                 self.updater.state,
+                stats.pending,
+                {str(k): v for k, v in stats.evicted_by_kind.items()},
             )
-            if await self.link.publish_health(health):
-                self.health_seq += 1
+            self.health_seq += 1
+            # The readable live copy for dashboards (best effort), and the durable one for the fleet.
+            await self.link.publish_health(health)
+            await asyncio.to_thread(self._queue, Kind.HEALTH, health.model_dump(mode="json"))
             await asyncio.sleep(self.config.health_interval_s)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -145,6 +192,7 @@ class Agent:
             self.data.rejected,
             self.data.results,
             self.config.pipeline_poll_s,
+            on_result=self.record_metric,
         )
         self.pipeline.start()
         app = create_app(self.engine, self.status, self.data.ensure_api_token())
@@ -160,6 +208,7 @@ class Agent:
         tasks = [
             asyncio.create_task(self.link.run(), name="link"),
             asyncio.create_task(self._health_loop(), name="health"),
+            asyncio.create_task(self.sender.run(), name="telemetry"),
             asyncio.create_task(self.updater.recover(), name="recover"),
             asyncio.create_task(server.serve(), name="api"),
         ]
@@ -173,6 +222,7 @@ class Agent:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.engine.close()
+        self.outbox.close()
 
     async def _announce_port(self, server: uvicorn.Server, serving: asyncio.Task[None]) -> None:
         """Record the API's real port (it may have been 0 = any) so tools and tests can find it."""

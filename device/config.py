@@ -24,6 +24,9 @@ class DeviceConfig(BaseModel):
     probation_s: float = Field(default=30.0, ge=0, description="seconds a new model is watched before commit")
     pipeline_poll_s: float = Field(default=0.2, gt=0, description="how often the inbox folder is scanned")
     backend: str | None = Field(default=None, description="pin one backend by name instead of choosing")
+    telemetry_max_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=64 * 1024, description="disk bound of the telemetry outbox"
+    )
 
 
 class DataDir:
@@ -40,6 +43,9 @@ class DataDir:
         self.rejected = root / "rejected"
         self.results = root / "results"
         self.logs = root / "logs"
+        self.device_key = self.secrets / "device-key.pem"
+        self.fleet_telemetry_key = root / "fleet-telemetry-key.pem"
+        self.outbox = root / "telemetry" / "outbox.sqlite"
 
     def load_config(self) -> DeviceConfig:
         try:
@@ -69,7 +75,15 @@ class DataDir:
         return self.secret("api-token")
 
     def make_dirs(self) -> None:
-        for folder in (self.models, self.inbox, self.processed, self.rejected, self.results, self.logs):
+        for folder in (
+            self.models,
+            self.inbox,
+            self.processed,
+            self.rejected,
+            self.results,
+            self.logs,
+            self.outbox.parent,
+        ):
             folder.mkdir(parents=True, exist_ok=True)
 
 

@@ -35,6 +35,8 @@ def collect(
     data_dir: Path,
     models: list[ModelHealth],
     update_state: UpdateState,
+    telemetry_pending: int = 0,
+    telemetry_evicted: dict[str, int] | None = None,
 ) -> Health:
     disk = psutil.disk_usage(str(data_dir))
     return Health(
@@ -48,4 +50,6 @@ def collect(
         disk_percent=disk.percent,
         models=models,
         update_state=update_state,
+        telemetry_pending=telemetry_pending,
+        telemetry_evicted=telemetry_evicted or {},
     )

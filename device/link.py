@@ -59,8 +59,10 @@ class DeviceLink:
         password: str | None,
         on_offer: OfferHandler,
         agent_version: str,
+        public_key: str | None = None,
     ) -> None:
         self.device_id = device_id
+        self.public_key = public_key
         self.host, self.port = parse_broker_url(broker_url)
         self.password = password
         self.on_offer = on_offer
@@ -76,7 +78,13 @@ class DeviceLink:
         return topics.device_topic(self.device_id, leaf)
 
     def _state(self, online: bool) -> bytes:
-        return encode(DeviceState(device_id=self.device_id, online=online, agent_version=self.agent_version))
+        state = DeviceState(
+            device_id=self.device_id,
+            online=online,
+            agent_version=self.agent_version,
+            public_key=self.public_key,
+        )
+        return encode(state)
 
     async def run(self) -> None:
         """Stay connected until cancelled."""
@@ -181,6 +189,14 @@ class DeviceLink:
             raise TimeoutError(f"chunk request failed: {e}") from e
         finally:
             self._waiting.pop((update_id, offset), None)
+
+    async def publish_telemetry(self, envelopes: list[bytes]) -> None:
+        """Publish sealed records at QoS 1; returns once the broker acknowledged every one."""
+        client = self._client
+        if client is None:
+            raise aiomqtt.MqttError("not connected")
+        topic = self._topic(topics.TELEMETRY)
+        await asyncio.gather(*(client.publish(topic, e, qos=1, timeout=10) for e in envelopes))
 
     async def publish_health(self, health: Health) -> bool:
         """Best effort: health is periodic, a missed one is replaced by the next."""

@@ -10,7 +10,9 @@ import shutil
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import UnidentifiedImageError
@@ -33,6 +35,7 @@ class FolderPipeline:
         rejected: Path,
         results: Path,
         poll_s: float,
+        on_result: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.engine = engine
         self.model_name = model_name
@@ -41,6 +44,7 @@ class FolderPipeline:
         self.rejected = rejected
         self.results_file = results / "results.jsonl"
         self.poll_s = poll_s
+        self.on_result = on_result
         self.by_version: Counter[int] = Counter()
         self.by_label: Counter[str] = Counter()
         self.rejected_count = 0
@@ -94,5 +98,7 @@ class FolderPipeline:
         with self.results_file.open("a") as f:
             f.write(json.dumps(record) + "\n")
         shutil.move(path, self.processed / path.name)
+        if self.on_result is not None:
+            self.on_result(record)
         self.by_version[manifest.version] += 1
         self.by_label[label] += 1

@@ -9,7 +9,7 @@ from device.config import DataDir, DeviceConfig, validate_device_id
 from device.errors import ConfigError
 from device.slots import install_initial
 from models.manifest import Manifest
-from models.signing import key_id, load_public_key
+from models.signing import generate_private_key, key_id, load_public_key
 
 
 def provision(data_dir: Path, enrollment: dict[str, Any], model_archive: Path, **settings: Any) -> Manifest:
@@ -22,6 +22,7 @@ def provision(data_dir: Path, enrollment: dict[str, Any], model_archive: Path, *
         fleet_url = str(enrollment["fleet_url"])
         password = str(enrollment["mqtt_password"])
         keys = [load_public_key(pem) for pem in enrollment["fleet_public_keys"]]
+        telemetry_key = str(enrollment["fleet_telemetry_key"])
     except KeyError as e:
         raise ConfigError(f"enrollment lacks {e.args[0]!r}: use the JSON the fleet returned") from e
     config = DeviceConfig(device_id=device_id, fleet_url=fleet_url, **settings)
@@ -30,6 +31,9 @@ def provision(data_dir: Path, enrollment: dict[str, Any], model_archive: Path, *
     for key, pem in zip(keys, enrollment["fleet_public_keys"], strict=True):
         (data.fleet_keys / f"{key_id(key)}.pem").write_text(pem)
     data.write_secret("mqtt-password", password)
+    data.fleet_telemetry_key.write_text(telemetry_key)
+    if not data.device_key.exists():
+        generate_private_key(data.device_key)  # the device's own identity; never leaves the device
     data.ensure_api_token()
     manifest = install_initial(data.models, model_archive)
     write_json_atomic(data.config, config.model_dump())

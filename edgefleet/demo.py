@@ -181,8 +181,14 @@ def run_demo(workdir: Path, device_count: int = 3, images: int = 40) -> dict[str
             drop_images(device, images, seed=2000 + i)
         for device in devices:
             wait_for(f"{device.device_id} to infer on v2", partial(_has_inferred, device, 2, images), 90)
+        for device in devices:
+            wait_for(
+                f"{device.device_id}'s sealed metrics at the fleet",
+                partial(_metrics_at_fleet, client, device.device_id, 2 * images),
+                60,
+            )
         infer = _sample_infer(devices[0])
-        rows = [_summary_row(d, final[d.device_id]) for d in devices]
+        rows = [_summary_row(d, final[d.device_id], client) for d in devices]
         wall_s = time.monotonic() - started
         _print_summary(rows, infer, wall_s)
         return {"wall_s": wall_s, "devices": rows}
@@ -198,6 +204,10 @@ def run_demo(workdir: Path, device_count: int = 3, images: int = 40) -> dict[str
 
 def _has_inferred(device: DeviceProcess, version: int, count: int) -> bool:
     return device.inferred(version) >= count
+
+
+def _metrics_at_fleet(client: FleetClient, device_id: str, count: int) -> bool:
+    return int(client.telemetry(device_id, limit=1)["counts"].get("metric", 0)) >= count
 
 
 def _reported(client: FleetClient, device_id: str) -> bool:
@@ -246,8 +256,9 @@ def _sample_infer(device: DeviceProcess) -> dict[str, Any]:
     }
 
 
-def _summary_row(device: DeviceProcess, update: dict[str, Any]) -> dict[str, Any]:
+def _summary_row(device: DeviceProcess, update: dict[str, Any], client: FleetClient) -> dict[str, Any]:
     status = device.status()
+    counts = client.telemetry(device.device_id, limit=1)["counts"]
     model = status["models"][0]
     at = {e["state"]: e["ts"] for e in update["events"]}
     return {
@@ -259,6 +270,7 @@ def _summary_row(device: DeviceProcess, update: dict[str, Any]) -> dict[str, Any
         "inferred v2": status["pipeline"]["inferred_by_version"].get("2", 0),
         "switched s": f"{at['probation'] - at['offered']:.2f}",
         "committed s": f"{at['committed'] - at['offered']:.2f}",
+        "sealed at fleet": f"{counts.get('metric', 0)} metrics, {counts.get('health', 0)} health",
         "defects found": sum(n for label, n in status["pipeline"]["labels"].items() if label != "ok"),
     }
 

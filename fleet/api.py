@@ -65,6 +65,15 @@ def create_app(service: FleetService, token: str) -> FastAPI:
     def get_device(device_id: str) -> dict[str, Any]:
         return service.get_device(device_id)
 
+    @app.get("/api/devices/{device_id}/telemetry", dependencies=[Auth])
+    def get_telemetry(device_id: str, kind: str | None = None, limit: int = 100) -> dict[str, Any]:
+        service.get_device(device_id)  # 404 for an unknown device
+        return service.telemetry(device_id, kind, limit)
+
+    @app.get("/api/fleet/stats", dependencies=[Auth])
+    def fleet_stats() -> dict[str, Any]:
+        return {"telemetry": dict(service.telemetry_counts), "rejected_messages": service.rejected_messages}
+
     @app.get("/api/models", dependencies=[Auth])
     def list_models() -> list[dict[str, Any]]:
         return service.list_models()

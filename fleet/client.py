@@ -41,6 +41,15 @@ class FleetClient:
     def device(self, device_id: str) -> dict[str, Any]:
         return dict(self._call("GET", f"/api/devices/{device_id}"))
 
+    def telemetry(self, device_id: str, kind: str | None = None, limit: int = 100) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit}
+        if kind:
+            params["kind"] = kind
+        return dict(self._call("GET", f"/api/devices/{device_id}/telemetry", params=params))
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/api/fleet/stats"))
+
     def push_model(self, archive: Path) -> dict[str, Any]:
         with archive.open("rb") as f:
             return dict(

@@ -27,6 +27,7 @@ class Device(Base):
     agent_version: Mapped[str] = mapped_column(String(64), default="")
     last_health: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     health_seq: Mapped[int] = mapped_column(default=-1)
+    public_key: Mapped[str | None] = mapped_column(String(512), default=None)  # pinned on first sight
 
 
 class ModelVersion(Base):
@@ -73,6 +74,24 @@ class UpdateEvent(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
+class TelemetryRecordRow(Base):
+    """One opened telemetry record; (device, seq) is unique, which is what drops duplicates."""
+
+    __tablename__ = "telemetry"
+    __table_args__ = (
+        UniqueConstraint("device_id", "seq"),
+        Index("ix_telemetry_device_kind", "device_id", "kind"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64))
+    seq: Mapped[int]
+    kind: Mapped[str] = mapped_column(String(16))
+    ts: Mapped[float]
+    received: Mapped[float] = mapped_column(default=time.time)
+    body: Mapped[dict[str, Any]]
+
+
 def open_database(url_or_path: str | Path) -> sessionmaker[Any]:
     url = str(url_or_path)
     if "://" not in url:
@@ -92,4 +111,13 @@ def _sqlite_pragmas(connection: Any, _: Any) -> None:
     cursor.close()
 
 
-__all__ = ["Base", "Device", "Engine", "ModelVersion", "Update", "UpdateEvent", "open_database"]
+__all__ = [
+    "Base",
+    "Device",
+    "Engine",
+    "ModelVersion",
+    "TelemetryRecordRow",
+    "Update",
+    "UpdateEvent",
+    "open_database",
+]

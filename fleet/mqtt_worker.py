@@ -61,7 +61,7 @@ class FleetWorker:
         ) as client:
             self._client = client
             await client.subscribe(topics.all_devices(topics.STATE), qos=1)
-            for leaf in (topics.HEALTH, topics.UPDATE_STATUS, topics.CHUNK_REQUEST):
+            for leaf in (topics.HEALTH, topics.UPDATE_STATUS, topics.CHUNK_REQUEST, topics.TELEMETRY):
                 await client.subscribe(topics.shared(topics.all_devices(leaf)), qos=1)
             self.connected.set()
             log.info("fleet worker %s subscribed on %s:%d", self.worker_id, self.host, self.port)
@@ -79,6 +79,8 @@ class FleetWorker:
                 self.service.on_health(device_id, self._own(device_id, decode(Health, payload)))
             elif leaf == topics.UPDATE_STATUS:
                 self.service.on_update_status(device_id, self._own(device_id, decode(UpdateStatus, payload)))
+            elif leaf == topics.TELEMETRY:
+                await asyncio.to_thread(self.service.on_telemetry, device_id, payload)
             elif leaf == topics.CHUNK_REQUEST:
                 request = decode(ChunkRequest, payload)
                 frame = self.service.chunk_for(device_id, request)

@@ -9,33 +9,41 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from fleet import broker_auth
-from fleet.db import Device, ModelVersion, Update, UpdateEvent
+from fleet.db import Device, ModelVersion, TelemetryRecordRow, Update, UpdateEvent
 from fleet.errors import Conflict, InvalidRequest, NotFound
 from fleet.store import FleetDataDir
 from models.errors import ModelError
 from models.package import hash_file, unpack
-from models.signing import public_key_pem, sign
+from models.signing import load_public_key, public_key_pem, sign
 from protocol import topics
+from protocol.errors import ProtocolError
 from protocol.frames import Chunk, encode_chunk
 from protocol.messages import (
     ChunkRequest,
     DeviceState,
     Health,
     SignedUpdate,
+    TelemetryRecord,
     UpdateMetadata,
     UpdateOffer,
     UpdateState,
     UpdateStatus,
+    decode,
     encode,
 )
+from protocol.sealed import fleet_key_id, open_sealed
 
 log = logging.getLogger(__name__)
 Publish = Callable[[str, bytes, int], Awaitable[None]]
@@ -56,6 +64,10 @@ class FleetService:
         self.broker_url = broker_url
         self.chunk_size = chunk_size
         self.signing_key = data.signing_key()
+        self.telemetry_key = data.telemetry_key()
+        self.telemetry_key_id = fleet_key_id(self.telemetry_key.public_key())
+        self.telemetry_counts: Counter[str] = Counter()  # stored, duplicate, rejected:<reason>
+        self._device_keys: dict[str, Ed25519PublicKey] = {}
         self.publish: Publish | None = None
         self.on_credentials_changed: Callable[[], None] = lambda: None
         self.rejected_messages = 0
@@ -92,6 +104,9 @@ class FleetService:
             "fleet_url": self.broker_url,
             "mqtt_password": password,
             "fleet_public_keys": [public_key_pem(self.signing_key)],
+            "fleet_telemetry_key": self.telemetry_key.public_key()
+            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            .decode(),
         }
 
     def list_devices(self) -> list[dict[str, Any]]:
@@ -265,6 +280,10 @@ class FleetService:
             device.online = state.online
             device.last_seen = time.time()
             device.agent_version = state.agent_version
+            if state.public_key and device.public_key is None:
+                device.public_key = state.public_key  # pinned: a later, different key is not accepted
+            elif state.public_key and state.public_key != device.public_key:
+                log.warning("device %s presented a different public key; keeping the pinned one", device_id)
             pending = list(
                 s.scalars(select(Update).where(Update.device_id == device_id, Update.state.in_(("pending",))))
             )
@@ -306,6 +325,62 @@ class FleetService:
             update.state = status.state.value
             update.reason = status.reason[:2048]
             update.updated = time.time()
+
+    # -- sealed telemetry ---------------------------------------------------------------------
+    def _device_key(self, device_id: str) -> Ed25519PublicKey | None:
+        if device_id not in self._device_keys:
+            with self.sessions() as s:
+                device = s.get(Device, device_id)
+                if device is None or device.public_key is None:
+                    return None
+            self._device_keys[device_id] = load_public_key(device.public_key)
+        return self._device_keys[device_id]
+
+    def on_telemetry(self, device_id: str, envelope: bytes) -> str:
+        """Open, check and store one sealed record. Returns 'stored', 'duplicate' or 'rejected: why'."""
+        try:
+            opened = open_sealed(
+                envelope,
+                fleet_keys={self.telemetry_key_id: self.telemetry_key},
+                device_keys=lambda d: self._device_key(d) if d == device_id else None,
+            )
+            record = decode(TelemetryRecord, opened.record)
+        except (ProtocolError, ModelError) as e:
+            outcome = f"rejected: {type(e).__name__}"
+            log.warning("telemetry from %s rejected: %s", device_id, e)
+            self.telemetry_counts[outcome] += 1
+            return outcome
+        try:
+            with self.sessions.begin() as s:
+                s.add(
+                    TelemetryRecordRow(
+                        device_id=device_id, seq=opened.seq, kind=record.kind, ts=record.ts, body=record.body
+                    )
+                )
+        except IntegrityError:
+            self.telemetry_counts["duplicate"] += 1
+            return "duplicate"
+        self.telemetry_counts["stored"] += 1
+        return "stored"
+
+    def telemetry(self, device_id: str, kind: str | None = None, limit: int = 100) -> dict[str, Any]:
+        with self.sessions() as s:
+            query = select(TelemetryRecordRow).where(TelemetryRecordRow.device_id == device_id)
+            if kind:
+                query = query.where(TelemetryRecordRow.kind == kind)
+            rows = list(s.scalars(query.order_by(TelemetryRecordRow.seq.desc()).limit(min(limit, 1000))))
+            counts = dict(
+                s.execute(
+                    select(TelemetryRecordRow.kind, func.count())
+                    .where(TelemetryRecordRow.device_id == device_id)
+                    .group_by(TelemetryRecordRow.kind)
+                ).all()
+            )
+        return {
+            "device_id": device_id,
+            "counts": counts,
+            "records": [{"seq": r.seq, "kind": r.kind, "ts": r.ts, "body": r.body} for r in rows],
+        }
 
     def chunk_for(self, device_id: str, request: ChunkRequest) -> bytes | None:
         """The frame answering a chunk request, read from the artifact; None for a request not allowed."""

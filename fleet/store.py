@@ -4,7 +4,9 @@ import os
 import secrets
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from models.signing import generate_private_key, load_private_key
 
@@ -17,6 +19,7 @@ class FleetDataDir:
         self.broker = root / "broker"
         self.secrets = root / "secrets"
         self.signing_key_path = self.secrets / "update-signing.pem"
+        self.telemetry_key_path = self.secrets / "telemetry-x25519.pem"
         self.password_file = self.broker / "passwd"
         self.acl_file = self.broker / "acl"
 
@@ -29,6 +32,21 @@ class FleetDataDir:
         if not self.signing_key_path.exists():
             return generate_private_key(self.signing_key_path)
         return load_private_key(self.signing_key_path)
+
+    def telemetry_key(self) -> X25519PrivateKey:
+        """The key devices seal telemetry to (HPKE); made on first start, kept 0600."""
+        if not self.telemetry_key_path.exists():
+            key = X25519PrivateKey.generate()
+            pem = key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+            fd = os.open(self.telemetry_key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(pem)
+        loaded = serialization.load_pem_private_key(self.telemetry_key_path.read_bytes(), password=None)
+        if not isinstance(loaded, X25519PrivateKey):
+            raise ValueError(f"{self.telemetry_key_path} is not an X25519 private key")
+        return loaded
 
     def secret(self, name: str) -> str:
         """A generated secret, made on first use and kept 0600 in the data dir."""

@@ -7,7 +7,7 @@ instead of being half-understood. `decode` is the one entry point for untrusted 
 import json
 import time
 from enum import StrEnum
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -51,6 +51,9 @@ class DeviceState(Message):
     online: bool
     agent_version: str = ""
     ts: float = Field(default_factory=time.time)
+    # The device's Ed25519 public key (PEM) that signs its sealed telemetry; the fleet pins the first
+    # one it sees over the device's authenticated broker session.
+    public_key: str | None = Field(default=None, max_length=512)
 
 
 class ModelHealth(Message):
@@ -75,6 +78,16 @@ class Health(Message):
     disk_percent: float
     models: list[ModelHealth] = []
     update_state: UpdateState = UpdateState.IDLE
+    telemetry_pending: int = 0
+    telemetry_evicted: dict[str, int] = {}
+
+
+class TelemetryRecord(Message):
+    """The plaintext inside a sealed telemetry envelope."""
+
+    kind: Literal["health", "metric"]
+    ts: float
+    body: dict[str, Any]
 
 
 class UpdateMetadata(Message):

@@ -12,7 +12,8 @@ _DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 # Leaf names of the device's subtree.
 STATE = "state"  # retained online/offline, set by the Last Will on an unclean disconnect
-HEALTH = "health"
+HEALTH = "health"  # readable live summary, QoS 0, for dashboards on the broker side
+TELEMETRY = "telemetry"  # sealed records from the device's durable outbox, QoS 1
 UPDATE_STATUS = "update/status"
 CHUNK_REQUEST = "update/chunk-req"
 CMD_UPDATE = "cmd/update"

@@ -3,7 +3,9 @@ import os
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from device.config import DataDir
 from device.errors import ConfigError
@@ -17,6 +19,10 @@ def enrollment(device_id: str = "cam-1") -> dict[str, object]:
         "fleet_url": "mqtt://127.0.0.1:1883",
         "mqtt_password": "s3cret",
         "fleet_public_keys": [public_key_pem(Ed25519PrivateKey.generate())],
+        "fleet_telemetry_key": X25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode(),
     }
 
 
@@ -27,6 +33,8 @@ def test_provision_writes_config_secrets_keys_and_slot_a(tmp_path: Path, archive
     assert (data.models / "surface-defect" / "current").readlink().name == "a"
     assert os.stat(data.secrets / "mqtt-password").st_mode & 0o777 == 0o600
     assert os.stat(data.secrets / "api-token").st_mode & 0o777 == 0o600
+    assert os.stat(data.device_key).st_mode & 0o777 == 0o600
+    assert data.fleet_telemetry_key.read_text().startswith("-----BEGIN PUBLIC KEY-----")
     assert len(list(data.fleet_keys.glob("*.pem"))) == 1
     with pytest.raises(ConfigError, match="already provisioned"):
         provision(tmp_path / "d", enrollment(), archives[1])

@@ -61,6 +61,17 @@ def test_update_is_pushed_applied_and_reported(fleet: FleetProcess, device: Devi
     drop_images(device, 5, seed=2)
     wait_for("v2 inferences", lambda: device.inferred(2) >= 5, 30)
     wait_for(
+        "all 10 sealed metrics at the fleet",
+        lambda: client.telemetry("cam-1", kind="metric")["counts"].get("metric") == 10,
+        30,
+    )
+    seqs = [r["seq"] for r in client.telemetry("cam-1", kind="metric")["records"]]
+    assert (
+        len(set(seqs)) == 10
+        and [r["body"]["version"] for r in client.telemetry("cam-1", kind="metric", limit=5)["records"]]
+        == [2] * 5
+    )
+    wait_for(
         "the fleet to see v2 in health",
         lambda: client.device("cam-1")["health"]["models"][0]["version"] == 2,
         30,

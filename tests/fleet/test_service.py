@@ -5,15 +5,27 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fleet.db import open_database
 from fleet.errors import Conflict, InvalidRequest, NotFound
 from fleet.service import FleetService
 from fleet.store import FleetDataDir
-from models.signing import key_id, load_public_key, verify
+from models.signing import key_id, load_public_key, public_key_pem, verify
 from protocol import topics
 from protocol.frames import decode_chunk
-from protocol.messages import ChunkRequest, UpdateOffer, UpdateState, UpdateStatus, decode
+from protocol.messages import (
+    ChunkRequest,
+    DeviceState,
+    TelemetryRecord,
+    UpdateOffer,
+    UpdateState,
+    UpdateStatus,
+    decode,
+    encode,
+)
+from protocol.sealed import seal
 
 
 @pytest.fixture
@@ -108,3 +120,79 @@ def test_statuses_move_the_update_until_it_is_final(service: FleetService, archi
     view = service.get_update(update["update_id"])
     assert view["state"] == "committed"
     assert [e["state"] for e in view["events"]] == ["downloading", "committed", "failed"]
+
+
+def sealed(
+    service: FleetService,
+    device_key: Ed25519PrivateKey,
+    seq: int,
+    device_id: str = "cam-1",
+    kind: str = "metric",
+) -> bytes:
+    record = encode(TelemetryRecord(kind=kind, ts=1.0, body={"label": "crack"}))  # type: ignore[arg-type]
+    return seal(
+        record,
+        device_id=device_id,
+        seq=seq,
+        device_key=device_key,
+        fleet_public=service.telemetry_key.public_key(),
+        fleet_key_id=service.telemetry_key_id,
+    )
+
+
+@pytest.fixture
+def pinned(service: FleetService) -> Ed25519PrivateKey:
+    """cam-1 enrolled, its public key pinned from its first online state."""
+    key = Ed25519PrivateKey.generate()
+    service.add_device("cam-1")
+    asyncio.run(
+        service.on_device_state(
+            "cam-1", DeviceState(device_id="cam-1", online=True, public_key=public_key_pem(key))
+        )
+    )
+    return key
+
+
+def test_sealed_telemetry_is_stored_once(service: FleetService, pinned: Ed25519PrivateKey) -> None:
+    assert service.on_telemetry("cam-1", sealed(service, pinned, 1)) == "stored"
+    assert service.on_telemetry("cam-1", sealed(service, pinned, 2, kind="health")) == "stored"
+    assert service.on_telemetry("cam-1", sealed(service, pinned, 1)) == "duplicate"  # a replay
+    view = service.telemetry("cam-1")
+    assert view["counts"] == {"metric": 1, "health": 1}
+    assert [r["seq"] for r in view["records"]] == [2, 1]
+
+
+def test_forged_tampered_and_misaddressed_telemetry_is_rejected(
+    service: FleetService, pinned: Ed25519PrivateKey
+) -> None:
+    forged = sealed(service, Ed25519PrivateKey.generate(), 5)  # not the pinned key
+    assert service.on_telemetry("cam-1", forged).startswith("rejected: ForgedSender")
+    tampered = bytearray(sealed(service, pinned, 6))
+    tampered[-3] ^= 0x01
+    assert service.on_telemetry("cam-1", bytes(tampered)).startswith("rejected: Tampered")
+    service.add_device("cam-2")
+    # cam-1's record replayed on cam-2's topic: the envelope names cam-1, so it is not cam-2's to send
+    assert service.on_telemetry("cam-2", sealed(service, pinned, 7)).startswith("rejected")
+    other_fleet = X25519PrivateKey.generate().public_key()
+    unknown = seal(
+        b"{}",
+        device_id="cam-1",
+        seq=8,
+        device_key=pinned,
+        fleet_public=other_fleet,
+        fleet_key_id="0123456789abcdef",
+    )
+    assert service.on_telemetry("cam-1", unknown).startswith("rejected: UnknownKey")
+    assert service.telemetry("cam-1")["counts"] == {}
+    assert sum(v for k, v in service.telemetry_counts.items() if k.startswith("rejected")) == 4
+
+
+def test_a_changed_device_key_is_not_accepted(service: FleetService, pinned: Ed25519PrivateKey) -> None:
+    impostor = Ed25519PrivateKey.generate()
+    asyncio.run(
+        service.on_device_state(
+            "cam-1", DeviceState(device_id="cam-1", online=True, public_key=public_key_pem(impostor))
+        )
+    )
+    assert service.on_telemetry("cam-1", sealed(service, impostor, 1)).startswith("rejected")
+    assert service.on_telemetry("cam-1", sealed(service, pinned, 1)) == "stored"
