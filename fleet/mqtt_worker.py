@@ -8,6 +8,7 @@ so each worker reads `state` with a plain one.
 import asyncio
 import logging
 import random
+from collections import Counter
 from typing import TypeVar
 
 import aiomqtt
@@ -29,6 +30,7 @@ class FleetWorker:
         self.port = port
         self.worker_id = worker_id
         self.connected = asyncio.Event()
+        self.handled: Counter[str] = Counter()  # messages per leaf, to see how workers split the load
         self._client: aiomqtt.Client | None = None
 
     async def publish(self, topic: str, payload: bytes, qos: int) -> None:
@@ -71,6 +73,7 @@ class FleetWorker:
     async def _handle(self, topic: str, payload: bytes) -> None:
         try:
             device_id, leaf = topics.split_device_topic(topic)
+            self.handled[leaf] += 1
             if leaf == topics.STATE:
                 await self.service.on_device_state(
                     device_id, self._own(device_id, decode(DeviceState, payload))

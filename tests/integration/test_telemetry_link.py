@@ -1,0 +1,141 @@
+"""Sealed telemetry from a device outbox to fleet workers over a real Mosquitto, with faults."""
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import select
+
+from device.link import DeviceLink
+from device.telemetry.outbox import Kind, Outbox
+from device.telemetry.sender import TelemetrySender
+from edgefleet.procs import free_port
+from fleet.broker import ManagedBroker
+from fleet.db import TelemetryRecordRow, open_database
+from fleet.mqtt_worker import FleetWorker
+from fleet.service import FleetService
+from fleet.store import FleetDataDir
+from models.signing import public_key_pem
+from protocol.messages import TelemetryRecord, UpdateOffer, encode
+
+pytestmark = pytest.mark.e2e
+
+
+class Rig:
+    def __init__(self, root: Path) -> None:
+        self.data = FleetDataDir(root / "fleet")
+        self.data.make_dirs()
+        self.port = free_port()
+        self.service = FleetService(
+            self.data, open_database(self.data.database), f"mqtt://127.0.0.1:{self.port}"
+        )
+        self.enrollment = self.service.add_device("cam-1")
+        self.broker = ManagedBroker(
+            self.data.broker, "127.0.0.1", self.port, self.data.password_file, self.data.acl_file
+        )
+        self.outbox = Outbox(root / "outbox.sqlite", 4 * 1024 * 1024)
+        self.device_key = Ed25519PrivateKey.generate()
+
+    def produce(self, count: int) -> None:
+        for i in range(count):
+            self.outbox.put(Kind.METRIC, encode(TelemetryRecord(kind="metric", ts=float(i), body={"i": i})))
+
+    def stored_seqs(self) -> list[int]:
+        """Seqs in the order the fleet stored them."""
+        with self.service.sessions() as s:
+            rows = s.scalars(select(TelemetryRecordRow).order_by(TelemetryRecordRow.id))
+            return [r.seq for r in rows]
+
+
+async def until(what: str, check: Callable[[], bool], timeout: float = 30) -> None:
+    async def poll() -> None:
+        while not check():
+            await asyncio.sleep(0.05)
+
+    try:
+        await asyncio.wait_for(poll(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+@asynccontextmanager
+async def running(rig: Rig, workers: int = 1) -> AsyncIterator[list[FleetWorker]]:
+    async def no_offers(_: UpdateOffer) -> None:
+        return None
+
+    fleet_workers = [
+        FleetWorker(rig.service, "127.0.0.1", rig.port, worker_id=f"w{i}") for i in range(workers)
+    ]
+    link = DeviceLink(
+        "cam-1",
+        rig.enrollment["fleet_url"],
+        rig.enrollment["mqtt_password"],
+        no_offers,
+        "test",
+        public_key=public_key_pem(rig.device_key),
+    )
+    sender = TelemetrySender(
+        rig.outbox,
+        "cam-1",
+        rig.device_key,
+        rig.service.telemetry_key.public_key(),
+        link.connected,
+        link.publish_telemetry,
+    )
+    tasks = [asyncio.create_task(w.run()) for w in fleet_workers]
+    await asyncio.gather(*(asyncio.wait_for(w.connected.wait(), 10) for w in fleet_workers))
+    tasks += [asyncio.create_task(link.run()), asyncio.create_task(sender.run())]
+    try:
+        yield fleet_workers
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_a_broker_outage_loses_nothing_and_keeps_order(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.broker.start()
+
+    async def scenario() -> None:
+        async with running(rig):
+            rig.produce(50)
+            await until("the first 50 records", lambda: len(rig.stored_seqs()) == 50)
+            await asyncio.to_thread(rig.broker.stop)
+            rig.produce(100)  # the device keeps producing while the broker is down
+            assert rig.outbox.stats().pending >= 100
+            await asyncio.to_thread(rig.broker.start)
+            await until("all 150 records after the outage", lambda: len(rig.stored_seqs()) == 150, 120)
+            await until("the outbox to drain", lambda: rig.outbox.stats().pending == 0)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        rig.broker.stop()
+    seqs = rig.stored_seqs()
+    assert seqs == sorted(seqs) == list(range(1, 151)), "every record once, in sequence order"
+
+
+def test_two_workers_split_the_load_and_store_each_record_once(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.broker.start()
+
+    async def scenario() -> list[FleetWorker]:
+        async with running(rig, workers=2) as workers:
+            rig.produce(300)
+            await until("all 300 records", lambda: len(rig.stored_seqs()) == 300, 120)
+            return workers
+
+    try:
+        workers = asyncio.run(scenario())
+    finally:
+        rig.broker.stop()
+    assert sorted(rig.stored_seqs()) == list(range(1, 301))
+    share = [w.handled["telemetry"] for w in workers]
+    assert all(n > 0 for n in share), (
+        f"both workers should get telemetry through the shared subscription: {share}"
+    )
+    assert rig.service.telemetry_counts["duplicate"] == sum(share) - 300
