@@ -18,7 +18,7 @@ from device.api import create_app
 from device.config import DataDir, DeviceConfig
 from device.engine.engine import Engine
 from device.engine.probe import probe
-from device.errors import ConfigError
+from device.errors import ConfigError, DeviceError, EngineError
 from device.health import collect, model_health
 from device.link import DeviceLink
 from device.pipeline import FolderPipeline
@@ -26,6 +26,7 @@ from device.slots import ModelSlots
 from device.telemetry.outbox import Kind, Outbox
 from device.telemetry.sender import TelemetrySender
 from device.updater import Updater
+from models.errors import ModelError
 from models.signing import key_id, load_private_key, load_public_key, public_key_pem
 from protocol.messages import TelemetryRecord, UpdateOffer, encode
 
@@ -100,16 +101,24 @@ class Agent:
             load_trusted_keys(data.fleet_keys),
             probation_s=config.probation_s,
         )
-        self.slots = {p.name: ModelSlots(p) for p in sorted(data.models.iterdir()) if ModelSlots(p).exists()}
+        self.slots = {s.model_name: s for s in map(ModelSlots, sorted(data.models.iterdir())) if s.exists()}
         if not self.slots:
             raise ConfigError(f"no model is installed under {data.models}: provision the device with one")
         self.pipeline: FolderPipeline | None = None
         self.health_seq = 0
+        self.failed = False
         self.api_port: int | None = None
 
     def load_models(self) -> None:
         for name, slots in self.slots.items():
-            serving = self.engine.prepare(slots.active_dir(), slots.active_manifest())
+            self.updater.repair_slots_at_boot(name, active_is_broken=False)
+            try:
+                serving = self.engine.prepare(slots.active_dir(), slots.active_manifest())
+            except (ModelError, EngineError) as e:
+                if not self.updater.repair_slots_at_boot(name, active_is_broken=True):
+                    raise
+                log.error("active slot of %s is unusable (%s); serving the previous slot", name, e)
+                serving = self.engine.prepare(slots.active_dir(), slots.active_manifest())
             self.engine.serve(serving)
             log.info(
                 "serving %s v%d from slot %s on %s",
@@ -124,6 +133,7 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         record = self.updater.record
+        outbox = self.outbox.stats()
         return {
             "device_id": self.config.device_id,
             "agent_version": self.version,
@@ -144,9 +154,9 @@ class Agent:
                 "rejected": self.pipeline.rejected_count if self.pipeline else 0,
             },
             "telemetry": {
-                "pending": self.outbox.stats().pending,
+                "pending": outbox.pending,
                 "sent": self.sender.sent,
-                "evicted": {str(k): v for k, v in self.outbox.stats().evicted_by_kind.items()},
+                "evicted": {str(k): v for k, v in outbox.evicted_by_kind.items()},
             },
             "hardware": self.engine.profile.to_dict(),
         }
@@ -212,10 +222,12 @@ class Agent:
             asyncio.create_task(self.updater.recover(), name="recover"),
             asyncio.create_task(server.serve(), name="api"),
         ]
+        for task in tasks:
+            task.add_done_callback(lambda t: self._part_ended(t, stop))
         await self._announce_port(server, tasks[-1])
         await stop.wait()
         log.info("stopping")
-        self.pipeline.stop()
+        await asyncio.to_thread(self.pipeline.stop)
         await self.link.say_offline()
         server.should_exit = True
         for task in tasks[:-1]:
@@ -223,6 +235,14 @@ class Agent:
         await asyncio.gather(*tasks, return_exceptions=True)
         self.engine.close()
         self.outbox.close()
+
+    def _part_ended(self, task: asyncio.Task[None], stop: asyncio.Event) -> None:
+        """A part of the agent that dies stops the whole agent, so its supervisor restarts it whole."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("agent part %r died: %r; stopping the agent", task.get_name(), task.exception())
+        self.failed = True
+        stop.set()
 
     async def _announce_port(self, server: uvicorn.Server, serving: asyncio.Task[None]) -> None:
         """Record the API's real port (it may have been 0 = any) so tools and tests can find it."""
@@ -251,6 +271,9 @@ def run_agent(data_dir: Path, fleet_url: str | None = None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await Agent(data, config).run(stop)
+        agent = Agent(data, config)
+        await agent.run(stop)
+        if agent.failed:
+            raise DeviceError("a part of the agent failed (see the log above); restart it")
 
     asyncio.run(main())

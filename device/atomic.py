@@ -18,11 +18,10 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """After a crash at any instant `path` holds either the old bytes or `data`, never a mix."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with os.fdopen(fd, "wb") as f:  # write() of a file object loops until every byte is written
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
 

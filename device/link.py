@@ -8,7 +8,6 @@ telemetry is a separate, later part).
 import asyncio
 import contextlib
 import logging
-import random
 from collections import deque
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlparse
@@ -18,6 +17,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from protocol import topics
+from protocol.backoff import backoff_delay
 from protocol.errors import ProtocolError
 from protocol.frames import Chunk, decode_chunk
 from protocol.messages import (
@@ -44,11 +44,6 @@ def parse_broker_url(url: str) -> tuple[str, int]:
     if parsed.scheme != "mqtt" or not parsed.hostname:
         raise ValueError(f"broker URL {url!r} must look like mqtt://host:port")
     return parsed.hostname, parsed.port or 1883
-
-
-def backoff_delay(attempt: int) -> float:
-    """Exponential backoff with full jitter, so a fleet coming back does not arrive in one wave."""
-    return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
 
 
 class DeviceLink:
@@ -92,13 +87,14 @@ class DeviceLink:
         while True:
             try:
                 await self._session()
-                attempt = 0
             except aiomqtt.MqttError as e:
                 log.warning("broker link down (%s); reconnecting", e)
             finally:
+                if self.connected.is_set():
+                    attempt = 0  # a session that connected starts the backoff over
                 self._client = None
                 self.connected.clear()
-            await asyncio.sleep(backoff_delay(attempt))
+            await asyncio.sleep(backoff_delay(attempt, BACKOFF_BASE_S, BACKOFF_CAP_S))
             attempt += 1
 
     async def _session(self) -> None:

@@ -64,7 +64,13 @@ class FolderPipeline:
             for path in images:
                 if self._stop.is_set():
                     return
-                self.process(path)
+                try:
+                    self.process(path)
+                except Exception:  # an unforeseen failure costs this image, never the pipeline
+                    log.exception("pipeline failed on %s", path.name)
+                    self.rejected_count += 1
+                    if path.exists():
+                        shutil.move(path, self.rejected / path.name)
             self._stop.wait(self.poll_s)
 
     def process(self, path: Path) -> None:

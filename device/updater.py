@@ -108,6 +108,9 @@ class Updater:
         record.history.append({"state": record.state.value, "ts": time.time(), "reason": reason})
         await asyncio.to_thread(write_json_atomic, self.journal_path, record.to_json())
         log.info("update %s: %s %s", record.update_id, record.state.value, reason)
+        await self._report(record, **detail)
+
+    async def _report(self, record: UpdateRecord, **detail: Any) -> None:
         meta = record.update.metadata
         status = UpdateStatus(
             device_id=self.device_id,
@@ -115,7 +118,7 @@ class Updater:
             model_name=meta.model_name,
             version=meta.version,
             state=record.state,
-            reason=reason,
+            reason=record.reason,
             detail=detail,
         )
         try:
@@ -128,56 +131,113 @@ class Updater:
         return self.record.state if self.record else UpdateState.IDLE
 
     # -- recovery --------------------------------------------------------------------------
-    async def recover(self) -> None:
-        """After a restart: finish or undo whatever the journal says was under way."""
+    def repair_slots_at_boot(self, model_name: str, active_is_broken: bool) -> bool:
+        """Before anything loads: put the previous slot back where the journal says it must be.
+
+        That is after a crash between journaling a rollback and moving the link, and when the active
+        slot fails verification right after a switch (a power cut before its files reached the disk).
+        Returns whether the link was moved.
+        """
         record = self.record
-        if record is None or record.state.is_final:
-            return
-        slots = ModelSlots(self.models_dir / record.update.metadata.model_name)
-        if record.state is UpdateState.PROBATION and slots.active_slot() == record.target_slot:
-            log.info("update %s: restarted during probation, resuming it", record.update_id)
-            await self._probation(record, slots, previous=None)
-            return
-        if record.state is UpdateState.PROBATION:
-            # Journaled the switch but crashed before the link moved: the old slot is still active.
-            record.state = UpdateState.TESTING
-        await self._step(record, Event.FAIL, f"agent restarted during {record.state.value}; old model kept")
+        if record is None or record.update.metadata.model_name != model_name:
+            return False
+        if not (record.previous_slot and record.target_slot):
+            return False
+        slots = ModelSlots(self.models_dir / model_name)
+        rolling_back = record.state is UpdateState.ROLLED_BACK
+        in_probation = record.state is UpdateState.PROBATION and active_is_broken
+        if (rolling_back or in_probation) and slots.active_slot() == record.target_slot:
+            log.warning(
+                "update %s: moving %s back to slot %s", record.update_id, model_name, record.previous_slot
+            )
+            slots.activate(record.previous_slot)
+            return True
+        return False
+
+    async def recover(self) -> None:
+        """After a restart: finish or undo whatever the journal says was under way.
+
+        Holds the update lock, so an offer that arrives meanwhile waits instead of writing a slot
+        a rollback may need.
+        """
+        async with self._lock:
+            record = self.record
+            if record is None or record.state.is_final:
+                return
+            slots = ModelSlots(self.models_dir / record.update.metadata.model_name)
+            if record.state is UpdateState.PROBATION and slots.active_slot() == record.target_slot:
+                log.info("update %s: restarted during probation, resuming it", record.update_id)
+                await self._probation(record, slots, previous=None)
+                return
+            if record.state is UpdateState.PROBATION:
+                # Journaled the switch but the link never moved (or was moved back): the old slot is active.
+                record.state = UpdateState.TESTING
+            self._discard_download(record.update_id)
+            await self._step(
+                record, Event.FAIL, f"agent restarted during {record.state.value}; old model kept"
+            )
 
     # -- the update ------------------------------------------------------------------------
     async def handle_offer(self, offer: UpdateOffer) -> None:
         meta = offer.update.metadata
-        if self.record and self.record.update_id == meta.update_id:
-            log.info("offer %s repeated; it is already %s", meta.update_id, self.record.state.value)
-            return
         async with self._lock:
+            if self.record and self.record.update_id == meta.update_id:
+                log.info("offer %s repeated; it is %s", meta.update_id, self.record.state.value)
+                await self._report(self.record)  # so the fleet converges on what the journal says
+                return
             record = UpdateRecord(update=offer.update)
-            self.record = record
-            await self._step(record, Event.OFFER)
             try:
                 slots = self._check_offer(offer.update)
-                await self._step(record, Event.ACCEPT)
-                payload = await self._download(record, offer.chunk_size)
-                await self._step(record, Event.DOWNLOADED)
-                await asyncio.to_thread(self._verify_payload, payload, offer.update)
-                await self._step(record, Event.VERIFIED)
-                record.target_slot = slots.inactive_slot()
-                record.previous_slot = slots.active_slot()
-                manifest = await asyncio.to_thread(slots.unpack_into, record.target_slot, payload)
-                if (manifest.name, manifest.version) != (meta.model_name, meta.version):
-                    raise UpdateRejected(
-                        f"package holds {manifest.name} v{manifest.version}, "
-                        f"the signed metadata says {meta.model_name} v{meta.version}"
-                    )
-                await self._step(record, Event.APPLIED, slot=record.target_slot)
-                await self._step(record, Event.LOADED)
-                candidate = await asyncio.to_thread(
-                    self.engine.prepare, slots.slot_dir(record.target_slot), manifest
-                )
-            except (DeviceError, ModelError, TimeoutError, OSError) as e:
-                await self._step(record, Event.FAIL, str(e))
-                self._discard_download(meta.update_id)
+            except UpdateRejected as e:
+                # A refused offer never becomes this device's update: the journal keeps the last one.
+                record.state, record.reason = UpdateState.FAILED, str(e)
+                log.warning("update %s refused: %s", meta.update_id, e)
+                await self._report(record)
                 return
-            await self._switch(record, slots, candidate)
+            self.record = record
+            await self._step(record, Event.OFFER)
+            await self._step(record, Event.ACCEPT)
+            candidate = await self._stage(record, slots, offer)
+            if candidate is None:
+                return
+            try:
+                await self._switch(record, slots, candidate)
+            except Exception as e:  # anything after the switch must put the old slot back
+                log.exception("update %s failed after the switch", meta.update_id)
+                if record.state is UpdateState.PROBATION:
+                    candidate.model.close()
+                    await self._roll_back(record, slots, None, f"failed after the switch: {e}")
+
+    async def _stage(
+        self, record: UpdateRecord, slots: ModelSlots, offer: UpdateOffer
+    ) -> ServingModel | None:
+        """Download, verify, unpack into the inactive slot and prove the model. None when it failed."""
+        meta = offer.update.metadata
+        try:
+            payload = await self._download(record, offer.chunk_size)
+            await self._step(record, Event.DOWNLOADED)
+            await asyncio.to_thread(self._verify_payload, payload, offer.update)
+            await self._step(record, Event.VERIFIED)
+            record.target_slot = slots.inactive_slot()
+            record.previous_slot = slots.active_slot()
+            manifest = await asyncio.to_thread(slots.unpack_into, record.target_slot, payload)
+            if (manifest.name, manifest.version) != (meta.model_name, meta.version):
+                raise UpdateRejected(
+                    f"package holds {manifest.name} v{manifest.version}, "
+                    f"the signed metadata says {meta.model_name} v{meta.version}"
+                )
+            await self._step(record, Event.APPLIED, slot=record.target_slot)
+            await self._step(record, Event.LOADED)
+            return await asyncio.to_thread(self.engine.prepare, slots.slot_dir(record.target_slot), manifest)
+        except Exception as e:  # any failure before the switch leaves the active slot untouched
+            reason = (
+                str(e)
+                if isinstance(e, DeviceError | ModelError | TimeoutError)
+                else f"{type(e).__name__}: {e}"
+            )
+            await self._step(record, Event.FAIL, reason)
+            self._discard_download(meta.update_id)
+            return None
 
     def _check_offer(self, update: SignedUpdate) -> ModelSlots:
         meta = update.metadata
@@ -273,10 +333,13 @@ class Updater:
         self, record: UpdateRecord, slots: ModelSlots, previous: ServingModel | None, reason: str
     ) -> None:
         assert record.previous_slot is not None
+        # Journal first: after a crash from here on, recovery sees the old slot active or moves it back.
+        await self._step(record, Event.ROLL_BACK, reason)
         await asyncio.to_thread(slots.activate, record.previous_slot)
         if previous is None:
             previous = await asyncio.to_thread(
                 self.engine.prepare, slots.active_dir(), slots.active_manifest()
             )
-        self.engine.serve(previous)
-        await self._step(record, Event.ROLL_BACK, reason)
+        failed = self.engine.serve(previous)
+        if failed is not None and failed is not previous:
+            failed.model.close()

@@ -1,5 +1,6 @@
 """The fleet's JSON API for operators and their tools. Every route but /healthz needs the operator token."""
 
+import asyncio
 import hmac
 import os
 import tempfile
@@ -90,7 +91,7 @@ def create_app(service: FleetService, token: str) -> FastAPI:
                     if size > MAX_UPLOAD_BYTES:
                         raise HTTPException(413, f"package exceeds {MAX_UPLOAD_BYTES} bytes")
                     out.write(block)
-            return service.register_model(Path(name))
+            return await asyncio.to_thread(service.register_model, Path(name))
         finally:
             Path(name).unlink(missing_ok=True)
 

@@ -7,7 +7,6 @@ so each worker reads `state` with a plain one.
 
 import asyncio
 import logging
-import random
 from collections import Counter
 from typing import TypeVar
 
@@ -16,6 +15,7 @@ import aiomqtt
 from fleet.broker_auth import FLEET_USER
 from fleet.service import FleetService
 from protocol import topics
+from protocol.backoff import backoff_delay
 from protocol.errors import ProtocolError
 from protocol.messages import ChunkRequest, DeviceState, Health, UpdateStatus, decode
 
@@ -46,9 +46,11 @@ class FleetWorker:
             except aiomqtt.MqttError as e:
                 log.warning("fleet worker lost the broker (%s); reconnecting", e)
             finally:
+                if self.connected.is_set():
+                    attempt = 0
                 self._client = None
                 self.connected.clear()
-            await asyncio.sleep(random.uniform(0, min(10.0, 0.2 * 2**attempt)))
+            await asyncio.sleep(backoff_delay(attempt, base=0.2, cap=10.0))
             attempt += 1
 
     async def _session(self) -> None:
@@ -92,6 +94,9 @@ class FleetWorker:
         except (ProtocolError, ValueError) as e:
             self.service.rejected_messages += 1
             log.warning("rejected message on %s: %s", topic, e)
+        except Exception:  # one bad message or a busy database must not stop ingest for every device
+            self.service.rejected_messages += 1
+            log.exception("error handling a message on %s", topic)
 
     @staticmethod
     def _own(device_id: str, message: _Own) -> _Own:

@@ -69,10 +69,12 @@ async def serve(options: ServeOptions, stop: asyncio.Event) -> None:
     try:
         log.info("fleet API on http://%s:%d, broker %s", options.http_host, options.http_port, broker_url)
         done, _ = await asyncio.wait(
-            [asyncio.create_task(stop.wait()), tasks[1]], return_when=asyncio.FIRST_COMPLETED
+            [asyncio.create_task(stop.wait()), *tasks], return_when=asyncio.FIRST_COMPLETED
         )
         if tasks[1] in done and not stop.is_set():
             raise RuntimeError(f"the fleet API stopped: is port {options.http_port} already in use?")
+        if tasks[0] in done and not stop.is_set():
+            raise RuntimeError(f"the MQTT worker stopped: {tasks[0].exception()!r}")
     finally:
         server.should_exit = True
         tasks[0].cancel()

@@ -51,6 +51,14 @@ OFFER_LIFETIME_S = 7 * 24 * 3600
 FINAL_STATES = {state.value for state in UpdateState if state.is_final}
 
 
+def _is_ed25519_pem(pem: str) -> bool:
+    try:
+        load_public_key(pem)
+    except ModelError:
+        return False
+    return True
+
+
 class FleetService:
     def __init__(
         self,
@@ -280,15 +288,19 @@ class FleetService:
             device.online = state.online
             device.last_seen = time.time()
             device.agent_version = state.agent_version
-            if state.public_key and device.public_key is None:
+            if state.public_key and device.public_key is None and _is_ed25519_pem(state.public_key):
                 device.public_key = state.public_key  # pinned: a later, different key is not accepted
             elif state.public_key and state.public_key != device.public_key:
                 log.warning("device %s presented a different public key; keeping the pinned one", device_id)
-            pending = list(
-                s.scalars(select(Update).where(Update.device_id == device_id, Update.state.in_(("pending",))))
+            open_updates = list(
+                s.scalars(
+                    select(Update).where(Update.device_id == device_id, Update.state.not_in(FINAL_STATES))
+                )
             )
         if state.online:
-            for update in pending:  # offers made while the device was away
+            # Offers made while the device was away, and updates whose end it may not have reported:
+            # the device starts a new offer, or re-reports what its journal says about an old one.
+            for update in open_updates:
                 await self._send_offer(update)
 
     def on_health(self, device_id: str, health: Health) -> None:
@@ -302,7 +314,14 @@ class FleetService:
                 device.last_health = health.model_dump(mode="json")
 
     def on_update_status(self, device_id: str, status: UpdateStatus) -> None:
+        """Record a device's report on its own update; the update's state stops moving once final."""
         with self.sessions.begin() as s:
+            update = s.get(Update, status.update_id)
+            # Only refusals of offers that could not even be parsed carry no update of their own.
+            not_its_own = update is None or update.device_id != device_id
+            if not_its_own and status.update_id != "invalid-offer":
+                log.warning("%s reported on update %s, which is not its own", device_id, status.update_id)
+                return
             s.add(
                 UpdateEvent(
                     update_id=status.update_id,
@@ -313,14 +332,7 @@ class FleetService:
                     detail=status.detail,
                 )
             )
-            update = s.get(Update, status.update_id)
-            if update is None or update.device_id != device_id:
-                return
-            if (
-                UpdateState(update.state).is_final
-                if update.state in UpdateState.__members__.values()
-                else False
-            ):
+            if update is None or update.device_id != device_id or update.state in FINAL_STATES:
                 return
             update.state = status.state.value
             update.reason = status.reason[:2048]
@@ -368,7 +380,9 @@ class FleetService:
             query = select(TelemetryRecordRow).where(TelemetryRecordRow.device_id == device_id)
             if kind:
                 query = query.where(TelemetryRecordRow.kind == kind)
-            rows = list(s.scalars(query.order_by(TelemetryRecordRow.seq.desc()).limit(min(limit, 1000))))
+            rows = list(
+                s.scalars(query.order_by(TelemetryRecordRow.seq.desc()).limit(max(1, min(limit, 1000))))
+            )
             counts = dict(
                 s.execute(
                     select(TelemetryRecordRow.kind, func.count())

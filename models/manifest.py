@@ -86,8 +86,8 @@ def parse_manifest(raw: bytes | str) -> Manifest:
         raise ManifestError(f"manifest is {len(raw)} bytes, over the {MAX_MANIFEST_BYTES} limit")
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"manifest is not valid JSON: {e}") from e
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ManifestError(f"manifest is not valid JSON: {e!r}") from e
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as e:

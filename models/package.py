@@ -6,6 +6,7 @@ archive can neither escape its folder nor fill the disk.
 """
 
 import hashlib
+import os
 import re
 import tarfile
 from pathlib import Path
@@ -97,7 +98,9 @@ def _extract_members(tar: tarfile.TarFile, dest: Path, max_bytes: int) -> Manife
             if member.name != MANIFEST:
                 raise PackageError(f"archive must start with {MANIFEST}, found {member.name!r}")
             manifest = parse_manifest(_read_member(tar, member, 1024 * 1024))
-            (dest / MANIFEST).write_bytes(manifest.to_json().encode())
+            with (dest / MANIFEST).open("xb") as out:
+                out.write(manifest.to_json().encode())
+                os.fsync(out.fileno())
             continue
         expected = manifest.files.get(member.name)
         if expected is None or member.size != expected.size:
@@ -108,9 +111,20 @@ def _extract_members(tar: tarfile.TarFile, dest: Path, max_bytes: int) -> Manife
         with source, (dest / member.name).open("xb") as out:
             while block := source.read(_BLOCK):
                 out.write(block)
+            out.flush()
+            os.fsync(out.fileno())  # a slot becomes active by a rename; its bytes must be on disk first
     if manifest is None:
         raise PackageError("archive is empty")
+    _fsync_dir(dest)
     return manifest
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> bytes:

@@ -53,8 +53,8 @@ def decode_chunk(frame: bytes) -> Chunk:
         header = json.loads(frame[_PREFIX.size : _PREFIX.size + header_len])
         update_id, offset, total = str(header["update_id"]), int(header["offset"]), int(header["total"])
         length, digest = int(header["length"]), str(header["sha256"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ProtocolError(f"chunk header is not valid ({e})") from e
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise ProtocolError(f"chunk header is not valid ({e!r})") from e
     data = frame[_PREFIX.size + header_len :]
     if length != len(data) or length > MAX_CHUNK:
         raise ProtocolError(f"chunk declares {length} bytes but carries {len(data)}")

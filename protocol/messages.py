@@ -148,6 +148,8 @@ def decode(model: type[M], payload: bytes | bytearray | str, *, topic: str | Non
         raw = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ProtocolError(f"not valid JSON ({e})", topic=topic) from e
+    except RecursionError as e:
+        raise ProtocolError("JSON nested too deeply", topic=topic) from e
     if not isinstance(raw, dict):
         raise ProtocolError(f"expected a JSON object, got {type(raw).__name__}", topic=topic)
     try:

@@ -166,7 +166,7 @@ class Engine:
             outputs = serving.model.run(checked)
         except Exception as e:
             with serving.lock:
-                serving.stats.errors += 1
+                serving.stats.errors += len(next(iter(checked.values())))  # per item, like inferences
             raise EngineError(f"{name} failed on {serving.backend}: {e}") from e
         elapsed_ms = (time.perf_counter() - start) * 1000
         with serving.lock:

@@ -108,9 +108,10 @@ def test_bad_signature_is_refused_before_download(
     fleet = MemoryFleet(payload)
     offer = offer_for(payload, Ed25519PrivateKey.generate())  # signed by a key the device does not trust
     run_offer(make_updater(data_dir, serving_v1, fleet, signing_key), offer)
-    assert fleet.states == ["offered", "failed"]
+    assert fleet.states == ["failed"]
     assert "unknown key" in fleet.statuses[-1].reason
     assert_still_serving_v1(serving_v1, data_dir)
+    assert not (data_dir / "update-journal.json").exists(), "a refused offer never enters the journal"
 
 
 def test_tampered_metadata_is_refused(
@@ -123,7 +124,7 @@ def test_tampered_metadata_is_refused(
     )
     fleet = MemoryFleet(payload)
     run_offer(make_updater(data_dir, serving_v1, fleet, signing_key), UpdateOffer(update=forged))
-    assert fleet.states == ["offered", "failed"] and "does not verify" in fleet.statuses[-1].reason
+    assert fleet.states == ["failed"] and "does not verify" in fleet.statuses[-1].reason
     assert_still_serving_v1(serving_v1, data_dir)
 
 
@@ -158,7 +159,7 @@ def test_older_version_is_refused(
     run_offer(
         make_updater(data_dir, serving_v1, fleet, signing_key), offer_for(payload, signing_key, version=1)
     )
-    assert fleet.states == ["offered", "failed"] and "not newer" in fleet.statuses[-1].reason
+    assert fleet.states == ["failed"] and "not newer" in fleet.statuses[-1].reason
 
 
 def test_package_that_contradicts_its_metadata_is_refused(
@@ -193,3 +194,63 @@ def test_restart_mid_update_fails_it_and_keeps_the_old_model(
     assert fleet.states == ["failed"] and "restarted during applying" in fleet.statuses[0].reason
     assert updater.state is UpdateState.FAILED
     assert_still_serving_v1(serving_v1, data_dir)
+
+
+def test_a_repeated_offer_is_answered_with_the_journaled_state(
+    serving_v1: Engine, data_dir: Path, archives: dict[int, Path], signing_key: Ed25519PrivateKey
+) -> None:
+    payload = archives[2].read_bytes()
+    fleet = MemoryFleet(payload)
+    updater = make_updater(data_dir, serving_v1, fleet, signing_key)
+    offer = offer_for(payload, signing_key)
+    run_offer(updater, offer)
+    run_offer(updater, offer)  # e.g. re-sent by the fleet after the device reconnected
+    assert fleet.states[-2:] == ["committed", "committed"]
+    assert serving_v1.get("surface-defect").manifest.version == 2
+
+
+def test_rollback_interrupted_before_the_link_moved_is_finished_at_boot(
+    serving_v1: Engine, data_dir: Path, archives: dict[int, Path], signing_key: Ed25519PrivateKey
+) -> None:
+    slots = ModelSlots(data_dir / "models" / "surface-defect")
+    slots.unpack_into("b", archives[2])
+    slots.activate("b")
+    offer = offer_for(archives[2].read_bytes(), signing_key)
+    journal = {
+        "update": offer.update.model_dump(mode="json"),
+        "state": "rolled_back",
+        "reason": "errors",
+        "target_slot": "b",
+        "previous_slot": "a",
+        "history": [],
+    }
+    (data_dir / "update-journal.json").write_text(json.dumps(journal))
+    updater = make_updater(data_dir, serving_v1, MemoryFleet(b""), signing_key)
+    assert updater.repair_slots_at_boot("surface-defect", active_is_broken=False)
+    assert slots.active_slot() == "a"
+
+
+def test_a_broken_slot_after_a_switch_falls_back_at_boot(
+    serving_v1: Engine, data_dir: Path, archives: dict[int, Path], signing_key: Ed25519PrivateKey
+) -> None:
+    slots = ModelSlots(data_dir / "models" / "surface-defect")
+    slots.unpack_into("b", archives[2])
+    slots.activate("b")
+    (slots.slot_dir("b") / "model.onnx").write_bytes(b"")  # as after a power cut before the data hit the disk
+    offer = offer_for(archives[2].read_bytes(), signing_key)
+    journal = {
+        "update": offer.update.model_dump(mode="json"),
+        "state": "probation",
+        "reason": "",
+        "target_slot": "b",
+        "previous_slot": "a",
+        "history": [],
+    }
+    (data_dir / "update-journal.json").write_text(json.dumps(journal))
+    fleet = MemoryFleet(b"")
+    updater = make_updater(data_dir, serving_v1, fleet, signing_key)
+    assert not updater.repair_slots_at_boot("surface-defect", active_is_broken=False)
+    assert updater.repair_slots_at_boot("surface-defect", active_is_broken=True)
+    assert slots.active_manifest().version == 1
+    asyncio.run(updater.recover())
+    assert fleet.states == ["failed"] and "old model kept" in fleet.statuses[0].reason
