@@ -9,9 +9,9 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,7 +80,6 @@ class Updater:
         trusted_keys: dict[str, Ed25519PublicKey],
         probation_s: float = 30.0,
         probation_max_error_rate: float = 0.2,
-        on_switch: Callable[[ServingModel], None] | None = None,
     ) -> None:
         self.device_id = device_id
         self.models_dir = data_dir / "models"
@@ -91,7 +90,6 @@ class Updater:
         self.trusted_keys = trusted_keys
         self.probation_s = probation_s
         self.probation_max_error_rate = probation_max_error_rate
-        self.on_switch = on_switch
         self.record: UpdateRecord | None = self._read_journal()
         self._lock = asyncio.Lock()
 
@@ -258,15 +256,12 @@ class Updater:
         return slots
 
     async def _download(self, record: UpdateRecord, chunk_size: int) -> Path:
-        """Pull the payload chunk by chunk into a .part file, resuming from what is already there."""
+        """Pull the payload chunk by chunk into a .part file, each chunk checked as it arrives."""
         meta = record.update.metadata
         self.downloads.mkdir(parents=True, exist_ok=True)
         part = self.downloads / f"{meta.update_id}.part"
-        offset = part.stat().st_size if part.exists() else 0
-        if offset > meta.size:
-            part.unlink()
-            offset = 0
-        with part.open("ab") as out:
+        offset = 0
+        with part.open("wb") as out:
             while offset < meta.size:
                 length = min(chunk_size, meta.size - offset)
                 chunk = await self._fetch_with_retries(meta.update_id, offset, length)
@@ -275,6 +270,7 @@ class Updater:
                 out.write(chunk.data)
                 offset += length
             out.flush()
+            os.fsync(out.fileno())
         return part
 
     async def _fetch_with_retries(self, update_id: str, offset: int, length: int) -> Chunk:
@@ -308,8 +304,6 @@ class Updater:
         )
         await asyncio.to_thread(slots.activate, record.target_slot)
         previous = self.engine.serve(candidate)
-        if self.on_switch:
-            self.on_switch(candidate)
         await self._probation(record, slots, previous)
 
     async def _probation(

@@ -11,6 +11,8 @@ from collections import Counter
 from typing import TypeVar
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from fleet.broker_auth import FLEET_USER
 from fleet.service import FleetService
@@ -21,6 +23,15 @@ from protocol.messages import ChunkRequest, DeviceState, Health, UpdateStatus, d
 
 log = logging.getLogger(__name__)
 _Own = TypeVar("_Own", DeviceState, Health, UpdateStatus)
+
+
+SESSION_EXPIRY_S = 24 * 3600
+
+
+def _session_properties() -> Properties:
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    properties.SessionExpiryInterval = SESSION_EXPIRY_S
+    return properties
 
 
 class FleetWorker:
@@ -62,6 +73,9 @@ class FleetWorker:
             password=self.service.fleet_mqtt_password,
             protocol=aiomqtt.ProtocolVersion.V5,
             keepalive=15,
+            # A persistent session: while this worker restarts, the broker keeps its QoS 1 messages.
+            clean_start=False,
+            properties=_session_properties(),
         ) as client:
             self._client = client
             await client.subscribe(topics.all_devices(topics.STATE), qos=1)

@@ -10,8 +10,10 @@ fleet's public key can seal) and has no replay protection, so:
   is sealed to, so a signed record can be neither moved to another device id or seq nor
   re-sealed to a different recipient (surreptitious forwarding);
 - the header is also the HPKE `info`, so any change to it makes decryption fail;
-- the fleet drops a (device id, seq) it has already accepted (`ReplayGuard`), only after
-  `open_sealed` succeeded, so forged envelopes cannot move its window.
+- the fleet drops a (device id, seq) it has already accepted, only after `open_sealed`
+  succeeded, so forged envelopes cannot move its window. The fleet's store does this with a unique
+  (device, seq) constraint, which also holds across workers; `ReplayGuard` is the in-memory form
+  for a consumer without such a store.
 
 Framing (binary, all integers big-endian):
 

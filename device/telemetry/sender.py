@@ -1,7 +1,10 @@
 """Drains the outbox to the fleet: seal each record, publish at QoS 1, delete it only after PUBACK.
 
 A record that was published but not acknowledged when the link dropped stays in the outbox and
-is sent again; the fleet drops the duplicate by (device, seq). Nothing is lost, at worst repeated.
+is sent again; the fleet drops the duplicate by (device, seq). What the device guarantees ends at
+the broker's PUBACK: from there the broker's persistence and the fleet worker's persistent
+session carry it. An end-to-end acknowledgement from the fleet (its highest stored seq per
+device) is the planned step that closes the remaining windows (see docs/architecture.md).
 """
 
 import asyncio
