@@ -93,6 +93,7 @@ class Agent:
             self.link.connected,
             self.link.publish_telemetry,
         )
+        self.link.on_telemetry_ack = self.sender.on_receipt
         self.updater = Updater(
             config.device_id,
             data.root,
@@ -156,6 +157,8 @@ class Agent:
             "telemetry": {
                 "pending": outbox.pending,
                 "sent": self.sender.sent,
+                "receipted_by_fleet": self.sender.receipted,
+                "refused_by_fleet": self.sender.refused_by_fleet,
                 "evicted": {str(k): v for k, v in outbox.evicted_by_kind.items()},
             },
             "hardware": self.engine.profile.to_dict(),

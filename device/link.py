@@ -24,6 +24,7 @@ from protocol.messages import (
     ChunkRequest,
     DeviceState,
     Health,
+    TelemetryAck,
     UpdateOffer,
     UpdateState,
     UpdateStatus,
@@ -56,6 +57,7 @@ class DeviceLink:
         agent_version: str,
         public_key: str | None = None,
     ) -> None:
+        self.on_telemetry_ack: Callable[[TelemetryAck], Awaitable[None]] | None = None
         self.device_id = device_id
         self.public_key = public_key
         self.host, self.port = parse_broker_url(broker_url)
@@ -131,6 +133,10 @@ class DeviceLink:
             elif topic == self._topic(topics.CMD_UPDATE):
                 offer = decode(UpdateOffer, payload, topic=topic)
                 self._spawn(self.on_offer(offer))
+            elif topic == self._topic(topics.CMD_TELEMETRY_ACK):
+                ack = decode(TelemetryAck, payload, topic=topic)
+                if self.on_telemetry_ack is not None:
+                    self._spawn(self.on_telemetry_ack(ack))
             else:
                 log.warning("ignoring message on unknown topic %s", topic)
         except ProtocolError as e:

@@ -19,13 +19,15 @@ from fleet.service import FleetService
 from protocol import topics
 from protocol.backoff import backoff_delay
 from protocol.errors import ProtocolError
-from protocol.messages import ChunkRequest, DeviceState, Health, UpdateStatus, decode
+from protocol.messages import ChunkRequest, DeviceState, Health, TelemetryAck, UpdateStatus, decode, encode
+from protocol.sealed import peek_header
 
 log = logging.getLogger(__name__)
 _Own = TypeVar("_Own", DeviceState, Health, UpdateStatus)
 
 
 SESSION_EXPIRY_S = 24 * 3600
+RECEIPT_INTERVAL_S = 0.2
 
 
 def _session_properties() -> Properties:
@@ -42,6 +44,8 @@ class FleetWorker:
         self.worker_id = worker_id
         self.connected = asyncio.Event()
         self.handled: Counter[str] = Counter()  # messages per leaf, to see how workers split the load
+        # Per device: seqs stored (or already held) and seqs refused for good, not yet told to it.
+        self._receipts: dict[str, tuple[list[int], list[int]]] = {}
         self._client: aiomqtt.Client | None = None
 
     async def publish(self, topic: str, payload: bytes, qos: int) -> None:
@@ -50,6 +54,37 @@ class FleetWorker:
         await self._client.publish(topic, payload, qos=qos)
 
     async def run(self) -> None:
+        receipts = asyncio.create_task(self._receipt_loop())
+        try:
+            await self._connect_loop()
+        finally:
+            receipts.cancel()
+
+    async def _receipt_loop(self) -> None:
+        """Tell devices which records are stored, a few times a second, so their outboxes drain."""
+        while True:
+            await asyncio.sleep(RECEIPT_INTERVAL_S)
+            if self._receipts and self.connected.is_set():
+                await self._send_receipts()
+
+    async def _send_receipts(self) -> None:
+        receipts, self._receipts = self._receipts, {}
+        for device_id, (stored, refused) in receipts.items():
+            ack = TelemetryAck(stored=stored, refused=refused)
+            try:
+                await self.publish(topics.device_topic(device_id, topics.CMD_TELEMETRY_ACK), encode(ack), 1)
+            except (aiomqtt.MqttError, TimeoutError) as e:  # the device resends; we receipt it then
+                log.info("receipt to %s not sent (%s)", device_id, e)
+
+    def _receipt(self, device_id: str, seq: int, outcome: str) -> None:
+        """Stored and duplicate records are receipted, refused ones too (the device counts them);
+        deferred ones are not, so the device sends them again later."""
+        if outcome.startswith("deferred"):
+            return
+        stored, refused = self._receipts.setdefault(device_id, ([], []))
+        (refused if outcome.startswith("rejected") else stored).append(seq)
+
+    async def _connect_loop(self) -> None:
         attempt = 0
         while True:
             try:
@@ -99,7 +134,10 @@ class FleetWorker:
             elif leaf == topics.UPDATE_STATUS:
                 self.service.on_update_status(device_id, self._own(device_id, decode(UpdateStatus, payload)))
             elif leaf == topics.TELEMETRY:
-                await asyncio.to_thread(self.service.on_telemetry, device_id, payload)
+                outcome = await asyncio.to_thread(self.service.on_telemetry, device_id, payload)
+                _, sender, seq = peek_header(payload)
+                if sender == device_id:
+                    self._receipt(device_id, seq, outcome)
             elif leaf == topics.CHUNK_REQUEST:
                 request = decode(ChunkRequest, payload)
                 frame = self.service.chunk_for(device_id, request)

@@ -349,7 +349,14 @@ class FleetService:
         return self._device_keys[device_id]
 
     def on_telemetry(self, device_id: str, envelope: bytes) -> str:
-        """Open, check and store one sealed record. Returns 'stored', 'duplicate' or 'rejected: why'."""
+        """Open, check and store one sealed record.
+
+        Returns 'stored', 'duplicate', 'rejected: <why>', or 'deferred: <why>' when the device's key is
+        not pinned yet (its `state` message has not been processed), so the device should resend.
+        """
+        if self._device_key(device_id) is None:
+            self.telemetry_counts["deferred"] += 1
+            return "deferred: no device key pinned yet"
         try:
             opened = open_sealed(
                 envelope,

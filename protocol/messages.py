@@ -90,6 +90,16 @@ class TelemetryRecord(Message):
     body: dict[str, Any]
 
 
+class TelemetryAck(Message):
+    """The fleet's receipt: these seqs are stored (or were already), or were refused for good.
+
+    The device deletes a record from its outbox only on this receipt, not on the broker's PUBACK.
+    """
+
+    stored: list[int] = Field(default=[], max_length=10_000)
+    refused: list[int] = Field(default=[], max_length=10_000)
+
+
 class UpdateMetadata(Message):
     """What the fleet signs: the exact bytes a device may install, and for which model version."""
 

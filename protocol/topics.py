@@ -18,6 +18,7 @@ UPDATE_STATUS = "update/status"
 CHUNK_REQUEST = "update/chunk-req"
 CMD_UPDATE = "cmd/update"
 CMD_CHUNK = "cmd/chunk"
+CMD_TELEMETRY_ACK = "cmd/telemetry-ack"  # the fleet's end-to-end receipt for sealed records
 
 
 def is_valid_device_id(device_id: str) -> bool:

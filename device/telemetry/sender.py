@@ -1,26 +1,28 @@
-"""Drains the outbox to the fleet: seal each record, publish at QoS 1, delete it only after PUBACK.
+"""Drains the outbox to the fleet: seal each record, publish at QoS 1, delete it on the fleet's receipt.
 
-A record that was published but not acknowledged when the link dropped stays in the outbox and
-is sent again; the fleet drops the duplicate by (device, seq). What the device guarantees ends at
-the broker's PUBACK: from there the broker's persistence and the fleet worker's persistent
-session carry it. An end-to-end acknowledgement from the fleet (its highest stored seq per
-device) is the planned step that closes the remaining windows (see docs/architecture.md).
+The broker's PUBACK only says the broker has the message; the record leaves the outbox when the
+fleet says it stored it (or refused it for good, which is counted). Records sent but not receipted
+within `RESEND_AFTER_S` are sent again from the oldest; the fleet drops the duplicates by
+(device, seq). So a broker or fleet-worker crash costs a resend, not a record.
 """
 
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from device.telemetry.outbox import Outbox
+from protocol.messages import TelemetryAck
 from protocol.sealed import fleet_key_id, seal
 
 log = logging.getLogger(__name__)
 BATCH = 64
 IDLE_POLL_S = 0.5
+RESEND_AFTER_S = 15.0
 
 PublishBatch = Callable[[list[bytes]], Awaitable[None]]
 
@@ -34,7 +36,9 @@ class TelemetrySender:
         fleet_public: X25519PublicKey,
         connected: asyncio.Event,
         publish_batch: PublishBatch,
+        resend_after_s: float = RESEND_AFTER_S,
     ) -> None:
+        self.resend_after_s = resend_after_s
         self.outbox = outbox
         self.device_id = device_id
         self.device_key = device_key
@@ -43,6 +47,10 @@ class TelemetrySender:
         self.connected = connected
         self.publish_batch = publish_batch
         self.sent = 0
+        self.receipted = 0
+        self.refused_by_fleet = 0
+        self.cursor = 0  # highest seq published and not yet due for a resend
+        self.last_progress = time.monotonic()
         self.wakeup = asyncio.Event()
         self._loop = asyncio.get_running_loop()
 
@@ -50,8 +58,17 @@ class TelemetrySender:
         """Producers in other threads call this after a put, so records leave without polling delay."""
         self._loop.call_soon_threadsafe(self.wakeup.set)
 
+    async def on_receipt(self, ack: TelemetryAck) -> None:
+        """The fleet's receipt: only now do records leave the outbox."""
+        done = await asyncio.to_thread(self.outbox.ack_many, [*ack.stored, *ack.refused])
+        self.receipted += done
+        self.refused_by_fleet += len(ack.refused)
+        if ack.refused:
+            log.error("the fleet refused telemetry records %s; see the fleet's log", ack.refused[:10])
+        self.last_progress = time.monotonic()
+
     def _seal_batch(self) -> tuple[list[int], list[bytes]]:
-        records = self.outbox.peek(BATCH)
+        records = self.outbox.peek(BATCH, after=self.cursor)
         envelopes = [
             seal(
                 r.payload,
@@ -65,20 +82,34 @@ class TelemetrySender:
         ]
         return [r.seq for r in records], envelopes
 
+    def _due_for_resend(self) -> bool:
+        """Sent records the fleet has not receipted for a while: start over from the oldest."""
+        return self.cursor > 0 and time.monotonic() - self.last_progress > self.resend_after_s
+
     async def run(self) -> None:
         while True:
             await self.connected.wait()
+            if self._due_for_resend():
+                log.info(
+                    "no receipt from the fleet for %.0f s; resending unreceipted telemetry",
+                    self.resend_after_s,
+                )
+                self.cursor = 0
+                self.last_progress = time.monotonic()
             seqs, envelopes = await asyncio.to_thread(self._seal_batch)
             if not envelopes:
                 self.wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wakeup.wait(), IDLE_POLL_S)
                 continue
+            if self.cursor == 0:
+                self.last_progress = time.monotonic()
             try:
                 await self.publish_batch(envelopes)
-            except Exception as e:  # link dropped mid-batch: keep the records, retry after reconnect
-                log.info("telemetry batch not acknowledged (%s); will resend", e)
+            except Exception as e:  # link dropped mid-batch: send again from the oldest after reconnect
+                log.info("telemetry batch not acknowledged by the broker (%s); will resend", e)
+                self.cursor = 0
                 await asyncio.sleep(0.5)
                 continue
-            await asyncio.to_thread(self.outbox.ack_many, seqs)
+            self.cursor = seqs[-1]
             self.sent += len(seqs)

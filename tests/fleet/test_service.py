@@ -171,6 +171,10 @@ def test_forged_tampered_and_misaddressed_telemetry_is_rejected(
     tampered[-3] ^= 0x01
     assert service.on_telemetry("cam-1", bytes(tampered)).startswith("rejected: Tampered")
     service.add_device("cam-2")
+    cam2 = DeviceState(
+        device_id="cam-2", online=True, public_key=public_key_pem(Ed25519PrivateKey.generate())
+    )
+    asyncio.run(service.on_device_state("cam-2", cam2))
     # cam-1's record replayed on cam-2's topic: the envelope names cam-1, so it is not cam-2's to send
     assert service.on_telemetry("cam-2", sealed(service, pinned, 7)).startswith("rejected")
     other_fleet = X25519PrivateKey.generate().public_key()
@@ -185,6 +189,18 @@ def test_forged_tampered_and_misaddressed_telemetry_is_rejected(
     assert service.on_telemetry("cam-1", unknown).startswith("rejected: UnknownKey")
     assert service.telemetry("cam-1")["counts"] == {}
     assert sum(v for k, v in service.telemetry_counts.items() if k.startswith("rejected")) == 4
+
+
+def test_records_before_the_key_is_pinned_are_deferred_not_lost(service: FleetService) -> None:
+    key = Ed25519PrivateKey.generate()
+    service.add_device("cam-1")
+    assert service.on_telemetry("cam-1", sealed(service, key, 1)).startswith("deferred")
+    asyncio.run(
+        service.on_device_state(
+            "cam-1", DeviceState(device_id="cam-1", online=True, public_key=public_key_pem(key))
+        )
+    )
+    assert service.on_telemetry("cam-1", sealed(service, key, 1)) == "stored"  # the device's resend
 
 
 def test_a_changed_device_key_is_not_accepted(service: FleetService, pinned: Ed25519PrivateKey) -> None:

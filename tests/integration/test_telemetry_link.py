@@ -62,7 +62,9 @@ async def until(what: str, check: Callable[[], bool], timeout: float = 30) -> No
 
 
 @asynccontextmanager
-async def running(rig: Rig, workers: int = 1) -> AsyncIterator[list[FleetWorker]]:
+async def running(
+    rig: Rig, workers: int = 1, resend_after_s: float = 2.0
+) -> AsyncIterator[list[FleetWorker]]:
     async def no_offers(_: UpdateOffer) -> None:
         return None
 
@@ -84,7 +86,9 @@ async def running(rig: Rig, workers: int = 1) -> AsyncIterator[list[FleetWorker]
         rig.service.telemetry_key.public_key(),
         link.connected,
         link.publish_telemetry,
+        resend_after_s=resend_after_s,
     )
+    link.on_telemetry_ack = sender.on_receipt
     tasks = [asyncio.create_task(w.run()) for w in fleet_workers]
     await asyncio.gather(*(asyncio.wait_for(w.connected.wait(), 10) for w in fleet_workers))
     tasks += [asyncio.create_task(link.run()), asyncio.create_task(sender.run())]
@@ -139,3 +143,32 @@ def test_two_workers_split_the_load_and_store_each_record_once(tmp_path: Path) -
         f"both workers should get telemetry through the shared subscription: {share}"
     )
     assert rig.service.telemetry_counts["duplicate"] == sum(share) - 300
+
+
+def test_records_a_fleet_worker_lost_before_storing_are_sent_again(tmp_path: Path) -> None:
+    """The broker acknowledged them, the worker died before its commit: only the fleet's receipt
+    lets a record leave the device, so they come again."""
+    rig = Rig(tmp_path)
+    real = rig.service.on_telemetry
+    crashes = {"left": 20}
+
+    def crash_first_twenty(device_id: str, envelope: bytes) -> str:
+        if crashes["left"] > 0:
+            crashes["left"] -= 1
+            raise RuntimeError("worker crashed before committing")
+        return real(device_id, envelope)
+
+    rig.service.on_telemetry = crash_first_twenty  # type: ignore[method-assign]
+    rig.broker.start()
+
+    async def scenario() -> None:
+        async with running(rig, resend_after_s=1.0):
+            rig.produce(50)
+            await until("all 50 records despite the lost ones", lambda: len(rig.stored_seqs()) == 50, 60)
+            await until("the outbox to drain", lambda: rig.outbox.stats().pending == 0)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        rig.broker.stop()
+    assert sorted(rig.stored_seqs()) == list(range(1, 51)) and crashes["left"] == 0
