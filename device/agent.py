@@ -172,6 +172,14 @@ class Agent:
         self.outbox.put(kind, encode(TelemetryRecord(kind=kind.value, ts=time.time(), body=body)))
         self.sender.wakeup_threadsafe()
 
+    def _metrics_extra(self) -> dict[str, Any]:
+        outbox = self.outbox.stats()
+        return {
+            "telemetry_pending": outbox.pending,
+            "telemetry_evicted": {str(k): v for k, v in outbox.evicted_by_kind.items()},
+            "update_state": self.updater.state.value,
+        }
+
     async def _health_loop(self) -> None:
         while True:
             slots_of = {name: s.active_slot() for name, s in self.slots.items()}
@@ -208,7 +216,7 @@ class Agent:
             on_result=self.record_metric,
         )
         self.pipeline.start()
-        app = create_app(self.engine, self.status, self.data.ensure_api_token())
+        app = create_app(self.engine, self.status, self.data.ensure_api_token(), self._metrics_extra)
         server = _Server(
             uvicorn.Config(
                 app,

@@ -251,6 +251,14 @@ def models_inspect(path: Path) -> None:
     typer.echo(manifest.to_json())
 
 
+@models_app.command("schema")
+def models_schema() -> None:
+    """Print the manifest's JSON Schema."""
+    from models.manifest import json_schema
+
+    typer.echo(json_schema(), nl=False)
+
+
 @models_app.command("verify")
 def models_verify(path: Path) -> None:
     """Check every file of a package folder or archive against its manifest."""

@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
 from fleet.errors import Conflict, InvalidRequest, NotFound
+from fleet.metrics import render
 from fleet.service import FleetService
 
 MAX_UPLOAD_BYTES = 1024 * 1024 * 1024
@@ -70,6 +72,10 @@ def create_app(service: FleetService, token: str) -> FastAPI:
     def get_telemetry(device_id: str, kind: str | None = None, limit: int = 100) -> dict[str, Any]:
         service.get_device(device_id)  # 404 for an unknown device
         return service.telemetry(device_id, kind, limit)
+
+    @app.get("/metrics", dependencies=[Auth], response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        return PlainTextResponse(render(service), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/api/fleet/stats", dependencies=[Auth])
     def fleet_stats() -> dict[str, Any]:

@@ -382,6 +382,19 @@ class FleetService:
         self.telemetry_counts["stored"] += 1
         return "stored"
 
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """Fleet-level numbers for Prometheus: devices online, updates by state, ingest outcomes."""
+        with self.sessions() as s:
+            devices = dict(s.execute(select(Device.online, func.count()).group_by(Device.online)).all())
+            updates = dict(s.execute(select(Update.state, func.count()).group_by(Update.state)).all())
+        return {
+            "devices_online": devices.get(True, 0),
+            "devices_offline": devices.get(False, 0),
+            "updates": updates,
+            "telemetry": dict(self.telemetry_counts),
+            "rejected_messages": self.rejected_messages,
+        }
+
     def telemetry(self, device_id: str, kind: str | None = None, limit: int = 100) -> dict[str, Any]:
         with self.sessions() as s:
             query = select(TelemetryRecordRow).where(TelemetryRecordRow.device_id == device_id)

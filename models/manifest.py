@@ -80,6 +80,17 @@ class Manifest(_Strict):
         return self.model_dump_json(by_alias=True, indent=2, exclude_none=True) + "\n"
 
 
+SCHEMA_FILE = Path(__file__).with_name("manifest.schema.json")
+
+
+def json_schema() -> str:
+    """The manifest's JSON Schema, generated from the model above (committed as manifest.schema.json)."""
+    schema = Manifest.model_json_schema(by_alias=True)
+    schema["$id"] = "https://edgefleet.invalid/schemas/edgefleet.model-1.json"
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
 def parse_manifest(raw: bytes | str) -> Manifest:
     """Validate manifest bytes; the error names the first fields that are wrong."""
     if len(raw) > MAX_MANIFEST_BYTES:

@@ -6,10 +6,12 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from device.api.limits import BodySizeLimit
+from device.api.metrics import render
 from device.api.v2 import InferRequest, decode_inputs, encode_outputs, model_metadata
 from device.engine.engine import Engine
 from device.errors import EngineError, InferenceInputError
@@ -18,7 +20,12 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 bearer = HTTPBearer(auto_error=False, description="the device's API token (secrets/api-token)")
 
 
-def create_app(engine: Engine, status: Callable[[], dict[str, Any]], token: str) -> Any:
+def create_app(
+    engine: Engine,
+    status: Callable[[], dict[str, Any]],
+    token: str,
+    metrics_extra: Callable[[], dict[str, Any]] = dict,
+) -> Any:
     app = FastAPI(title="edgefleet device", version="1", docs_url=None, redoc_url=None)
 
     def require_token(
@@ -49,6 +56,10 @@ def create_app(engine: Engine, status: Callable[[], dict[str, Any]], token: str)
     def ready() -> JSONResponse:
         ok = bool(engine.names())
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", dependencies=[Auth], response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        return PlainTextResponse(render(engine, metrics_extra), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/api/status", dependencies=[Auth])
     def get_status() -> dict[str, Any]:

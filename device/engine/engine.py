@@ -4,6 +4,7 @@ A model becomes visible to callers only after warm-up and a golden-vector pass, 
 model replaces an older one in a single assignment, so callers never see a half-loaded model.
 """
 
+import bisect
 import threading
 import time
 from collections import deque
@@ -20,6 +21,7 @@ from device.errors import EngineError, GoldenTestFailed, InferenceInputError
 from models.manifest import Manifest, TensorSpec
 
 WARMUP_RUNS = 3
+LATENCY_BUCKETS_MS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
 GOLDEN_TIMING_RUNS = 10
 
 
@@ -28,6 +30,15 @@ class ModelStats:
     inferences: int = 0
     errors: int = 0
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
+    # Cumulative histogram of call latency (Prometheus style): counts per upper bound, and the sum.
+    bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
+    latency_sum_ms: float = 0.0
+
+    def observe(self, items: int, elapsed_ms: float) -> None:
+        self.inferences += items
+        self.latencies_ms.append(elapsed_ms)
+        self.latency_sum_ms += elapsed_ms
+        self.bucket_counts[bisect.bisect_left(LATENCY_BUCKETS_MS, elapsed_ms)] += 1
 
     def quantile(self, q: float) -> float | None:
         if not self.latencies_ms:
@@ -170,8 +181,7 @@ class Engine:
             raise EngineError(f"{name} failed on {serving.backend}: {e}") from e
         elapsed_ms = (time.perf_counter() - start) * 1000
         with serving.lock:
-            serving.stats.inferences += len(next(iter(checked.values())))
-            serving.stats.latencies_ms.append(elapsed_ms)
+            serving.stats.observe(len(next(iter(checked.values()))), elapsed_ms)
         return outputs
 
     def close(self) -> None:

@@ -110,8 +110,19 @@ def test_a_device_offline_at_offer_time_gets_it_when_it_returns(
     assert wait_for("the update to end", partial(final_state, client, update["update_id"]), 60) == "committed"
 
 
+def test_fleet_metrics_count_devices_and_updates(fleet: FleetProcess, device: DeviceProcess) -> None:
+    client = fleet.client
+    assert client is not None
+    (update,) = client.start_update("surface-defect", 2, ["cam-1"])
+    wait_for("the update to end", partial(final_state, client, update["update_id"]), 60)
+    token = (fleet.root / "secrets" / "operator-token").read_text().strip()
+    text = httpx.get(f"{fleet.url}/metrics", headers={"Authorization": f"Bearer {token}"}).text
+    assert 'edgefleet_fleet_devices{online="true"} 1.0' in text
+    assert 'edgefleet_fleet_updates{state="committed"} 1.0' in text
+
+
 def test_the_fleet_api_needs_the_operator_token(fleet: FleetProcess) -> None:
     assert httpx.get(f"{fleet.url}/healthz").status_code == 200
-    for path in ("/api/devices", "/api/models", "/api/updates"):
+    for path in ("/api/devices", "/api/models", "/api/updates", "/metrics"):
         assert httpx.get(f"{fleet.url}{path}").status_code == 401
         assert httpx.get(f"{fleet.url}{path}", headers={"Authorization": "Bearer nope"}).status_code == 401

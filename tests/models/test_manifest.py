@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +45,20 @@ def test_model_file_must_be_listed() -> None:
 def test_not_json() -> None:
     with pytest.raises(ManifestError, match="not valid JSON"):
         parse_manifest(b"{")
+
+
+def test_committed_json_schema_matches_the_model() -> None:
+    from models.manifest import SCHEMA_FILE, json_schema
+
+    assert SCHEMA_FILE.read_text() == json_schema(), "regenerate with `edgefleet models schema`"
+
+
+def test_sample_manifests_validate_against_the_json_schema(zoo: Path) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    from models.manifest import SCHEMA_FILE
+
+    schema = json.loads(SCHEMA_FILE.read_text())
+    for version in ("v1", "v2"):
+        jsonschema.validate(json.loads((zoo / version / "manifest.json").read_text()), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**json.loads((zoo / "v1" / "manifest.json").read_text()), "colour": 1}, schema)

@@ -21,7 +21,7 @@ TOKEN = "test-token-123"
 def api(engine: Engine, zoo: Path) -> Iterator[str]:
     engine.serve(engine.prepare(zoo / "v1", load_manifest(zoo / "v1")))
     port = free_port()
-    app = create_app(engine, lambda: {"device_id": "dev-a"}, TOKEN)
+    app = create_app(engine, lambda: {"device_id": "dev-a"}, TOKEN, lambda: {"update_state": "idle"})
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -104,3 +104,21 @@ def test_oversized_body_is_413(api: str) -> None:
     )
     assert response.status_code == 413
     assert "exceeds" in response.json()["error"]
+
+
+def test_metrics_in_prometheus_text_format(api: str) -> None:
+    assert httpx.get(f"{api}/metrics").status_code == 401
+    array = np.zeros((3, 3, 64, 64), np.float32)
+    httpx.post(
+        f"{api}/v2/models/surface-defect/infer", json=infer_body(array), headers=auth()
+    ).raise_for_status()
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{api}/metrics", headers=auth()).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    labels = {"model": "surface-defect", "version": "1", "backend": "onnxruntime-cpu"}
+    (inferred,) = [s for s in families["edgefleet_inferences"].samples if s.name.endswith("_total")]
+    assert inferred.labels == labels and inferred.value == 3
+    counts = [s for s in families["edgefleet_inference_latency_ms"].samples if s.name.endswith("_count")]
+    assert counts[0].value == 1
+    assert any(s.labels == {"state": "idle"} for s in families["edgefleet_update_state"].samples)
