@@ -110,6 +110,37 @@ def device_run(
         _fail(str(e))
 
 
+@device_app.command("serve")
+def device_serve(
+    model: Annotated[Path, typer.Option(help="a model package folder or a bare .onnx file")],
+    backend: Annotated[str | None, typer.Option(help="pin a backend, e.g. onnxruntime-cpu")] = None,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8081,
+    token_file: Annotated[Path | None, typer.Option(help="API token file (made, 0600, if missing)")] = None,
+) -> None:
+    """Serve one model through the engine and the local API (Open Inference Protocol v2), no fleet."""
+    import uvicorn
+
+    from device.api import create_app
+    from device.errors import DeviceError
+    from device.standalone import api_token, load_for_serving
+    from models.errors import ModelError
+
+    try:
+        engine, serving = load_for_serving(model, backend)
+    except (DeviceError, ModelError) as e:
+        _fail(str(e))
+    token = api_token(token_file)
+    name = serving.manifest.name
+    typer.echo(
+        f"serving {name} v{serving.manifest.version} on {serving.backend} at http://{host}:{port}"
+        f"/v2/models/{name}"
+    )
+    typer.echo(f"API token: {'in ' + str(token_file) if token_file else token}")
+    app = create_app(engine, lambda: {"standalone": True, "models": [serving.describe()]}, token)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
 @device_app.command("probe")
 def device_probe(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """Print this machine's hardware profile."""
