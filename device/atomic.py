@@ -5,13 +5,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from models.fsutil import fsync_dir
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:

@@ -1,13 +1,13 @@
 """The device's configuration, kept as `device.json` in its data dir; secrets live beside it in files."""
 
 import json
-import os
 import secrets
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from device.errors import ConfigError
+from models.fsutil import write_private
 from protocol.topics import require_device_id
 
 CONFIG_FILE = "device.json"
@@ -65,9 +65,7 @@ class DataDir:
     def write_secret(self, name: str, value: str) -> None:
         self.secrets.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.secrets / name
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(value)
+        write_private(path, value.encode(), replace=True)
 
     def ensure_api_token(self) -> str:
         if not (self.secrets / "api-token").exists():

@@ -4,7 +4,6 @@ For a field engineer testing a model on the bench, and for benchmarks. Takes a m
 folder, or a bare .onnx file whose inputs and outputs are read from the file itself.
 """
 
-import os
 import re
 import secrets
 from pathlib import Path
@@ -14,6 +13,7 @@ import onnxruntime as ort
 from device.engine.engine import Engine, ServingModel
 from device.engine.probe import probe
 from device.errors import ConfigError
+from models.fsutil import write_private
 from models.manifest import Manifest
 from models.package import hash_file, verify_package
 
@@ -80,7 +80,5 @@ def api_token(token_file: Path | None) -> str:
     if token_file is None:
         return secrets.token_urlsafe(24)
     if not token_file.exists():
-        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(24))
+        write_private(token_file, secrets.token_urlsafe(24).encode())
     return token_file.read_text().strip()

@@ -205,9 +205,9 @@ def fleet_device_add(
 ) -> None:
     """Register a device; its enrollment (with its broker password) is written to --out."""
     enrollment = _client(server, token, data_dir).add_device(device_id)
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(enrollment, f, indent=2)
+    from models.fsutil import write_private
+
+    write_private(out, json.dumps(enrollment, indent=2).encode(), replace=True)
     typer.echo(f"registered {device_id}; enrollment in {out}")
 
 

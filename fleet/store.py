@@ -1,6 +1,5 @@
 """The fleet's data dir: database, artifacts, keys and secrets, each in its own place."""
 
-import os
 import secrets
 from pathlib import Path
 
@@ -8,6 +7,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from models.fsutil import write_private
 from models.signing import generate_private_key, load_private_key
 
 
@@ -40,9 +40,7 @@ class FleetDataDir:
             pem = key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             )
-            fd = os.open(self.telemetry_key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(pem)
+            write_private(self.telemetry_key_path, pem)
         loaded = serialization.load_pem_private_key(self.telemetry_key_path.read_bytes(), password=None)
         if not isinstance(loaded, X25519PrivateKey):
             raise ValueError(f"{self.telemetry_key_path} is not an X25519 private key")
@@ -52,7 +50,5 @@ class FleetDataDir:
         """A generated secret, made on first use and kept 0600 in the data dir."""
         path = self.secrets / name
         if not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(32))
+            write_private(path, secrets.token_urlsafe(32).encode())
         return path.read_text().strip()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import PackageError
+from models.fsutil import fsync_dir
 from models.manifest import FileEntry, Manifest, load_manifest, parse_manifest
 
 MANIFEST = "manifest.json"
@@ -115,16 +116,8 @@ def _extract_members(tar: tarfile.TarFile, dest: Path, max_bytes: int) -> Manife
             os.fsync(out.fileno())  # a slot becomes active by a rename; its bytes must be on disk first
     if manifest is None:
         raise PackageError("archive is empty")
-    _fsync_dir(dest)
+    fsync_dir(dest)
     return manifest
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> bytes:

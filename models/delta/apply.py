@@ -32,6 +32,7 @@ from models.delta.format import (
     read_record,
 )
 from models.delta.transforms import inverse
+from models.fsutil import fsync_dir
 
 DEFAULT_MAX_OUTPUT = 4 * 1024 * 1024 * 1024
 _BLOCK = 1024 * 1024
@@ -256,7 +257,7 @@ def apply(old: Path, delta: Path, out: Path, max_output: int = DEFAULT_MAX_OUTPU
                 os.fsync(sink.fileno())
         os.replace(tmp, out)
         tmp = None
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except zstandard.ZstdError as e:
         raise DeltaError(f"delta corrupt: zstd says {e}") from None
     except OSError as e:
@@ -264,11 +265,3 @@ def apply(old: Path, delta: Path, out: Path, max_output: int = DEFAULT_MAX_OUTPU
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

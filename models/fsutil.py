@@ -1,0 +1,25 @@
+"""Durability helpers shared by everything that writes files a power cut must not tear."""
+
+import os
+from pathlib import Path
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or a new file in `folder` durable (the directory entry, not only the data)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_private(path: Path, data: bytes, *, replace: bool = False) -> None:
+    """Write a secret readable by its owner only: created 0600, never widened.
+
+    Without `replace`, an existing file is an error (a key must never be silently overwritten).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL)
+    fd = os.open(path, flags, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
