@@ -23,7 +23,7 @@ META = {
     "sha256": "ab" * 32,
     "size": 10,
     "created": 1.0,
-    "expires": time.time() + 60,
+    "expires": time.time() + 30 * 24 * 3600,
 }
 
 
