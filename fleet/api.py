@@ -36,7 +36,7 @@ class NewUpdate(BaseModel):
 
 
 def create_app(service: FleetService, token: str) -> FastAPI:
-    app = FastAPI(title="edgefleet fleet", version="1", docs_url=None, redoc_url=None)
+    app = FastAPI(title="edgefleet fleet", version="1", docs_url=None, redoc_url=None, openapi_url=None)
 
     def require_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
         if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
@@ -51,6 +51,10 @@ def create_app(service: FleetService, token: str) -> FastAPI:
             return JSONResponse({"error": str(e)}, status_code=status)
 
         app.add_exception_handler(error, handler)
+
+    @app.get("/openapi.json", dependencies=[Auth], include_in_schema=False)
+    def openapi() -> dict[str, Any]:
+        return app.openapi()
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

@@ -96,7 +96,8 @@ def open_database(url_or_path: str | Path) -> sessionmaker[Any]:
     url = str(url_or_path)
     if "://" not in url:
         url = f"sqlite:///{url}"
-    engine = create_engine(url)
+    # The API's threads and the MQTT worker write concurrently; wait for a lock instead of failing.
+    engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     Base.metadata.create_all(engine)

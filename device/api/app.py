@@ -26,7 +26,7 @@ def create_app(
     token: str,
     metrics_extra: Callable[[], dict[str, Any]] = dict,
 ) -> Any:
-    app = FastAPI(title="edgefleet device", version="1", docs_url=None, redoc_url=None)
+    app = FastAPI(title="edgefleet device", version="1", docs_url=None, redoc_url=None, openapi_url=None)
 
     def require_token(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
@@ -43,6 +43,10 @@ def create_app(
     @app.exception_handler(EngineError)
     async def engine_failed(_: Request, e: EngineError) -> JSONResponse:
         return JSONResponse({"error": str(e)}, status_code=503)
+
+    @app.get("/openapi.json", dependencies=[Auth], include_in_schema=False)
+    def openapi() -> dict[str, Any]:
+        return app.openapi()
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

@@ -123,6 +123,13 @@ def test_fleet_metrics_count_devices_and_updates(fleet: FleetProcess, device: De
 
 def test_the_fleet_api_needs_the_operator_token(fleet: FleetProcess) -> None:
     assert httpx.get(f"{fleet.url}/healthz").status_code == 200
-    for path in ("/api/devices", "/api/models", "/api/updates", "/metrics"):
+    token = (fleet.root / "secrets" / "operator-token").read_text().strip()
+    spec = httpx.get(f"{fleet.url}/openapi.json", headers={"Authorization": f"Bearer {token}"}).json()
+    for path, methods in spec["paths"].items():
+        concrete = path.replace("{device_id}", "nobody").replace("{update_id}", "nothing")
+        for method in methods:
+            response = httpx.request(method.upper(), f"{fleet.url}{concrete}")
+            assert response.status_code == (200 if path == "/healthz" else 401), (method, path)
+    for path in ("/api/devices", "/api/models", "/api/updates", "/metrics", "/openapi.json"):
         assert httpx.get(f"{fleet.url}{path}").status_code == 401
         assert httpx.get(f"{fleet.url}{path}", headers={"Authorization": "Bearer nope"}).status_code == 401

@@ -122,3 +122,18 @@ def test_metrics_in_prometheus_text_format(api: str) -> None:
     counts = [s for s in families["edgefleet_inference_latency_ms"].samples if s.name.endswith("_count")]
     assert counts[0].value == 1
     assert any(s.labels == {"state": "idle"} for s in families["edgefleet_update_state"].samples)
+
+
+def test_every_route_but_liveness_refuses_a_missing_token(api: str) -> None:
+    spec = httpx.get(f"{api}/openapi.json", headers=auth()).json()
+    assert httpx.get(f"{api}/openapi.json").status_code == 401
+    assert "HTTPBearer" in spec["components"]["securitySchemes"]
+    open_paths = {"/healthz", "/v2/health/live"}
+    for path, methods in spec["paths"].items():
+        concrete = path.replace("{name}", "surface-defect")
+        for method in methods:
+            response = httpx.request(method.upper(), f"{api}{concrete}", json={})
+            expected = 200 if path in open_paths else 401
+            assert response.status_code == expected, (method, path, response.status_code)
+            if path not in open_paths:
+                assert methods[method].get("security"), f"{method} {path} does not declare its auth"
