@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from device.api.limits import BodySizeLimit
 from device.api.metrics import render
+from device.api.ratelimit import FailedLoginLimiter
 from device.api.v2 import InferRequest, decode_inputs, encode_outputs, model_metadata
 from device.engine.engine import Engine
 from device.errors import EngineError, InferenceInputError
@@ -25,13 +26,26 @@ def create_app(
     status: Callable[[], dict[str, Any]],
     token: str,
     metrics_extra: Callable[[], dict[str, Any]] = dict,
+    limiter: FailedLoginLimiter | None = None,
 ) -> Any:
+    limiter = limiter or FailedLoginLimiter()
     app = FastAPI(title="edgefleet device", version="1", docs_url=None, redoc_url=None, openapi_url=None)
 
     def require_token(
+        request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> None:
+        client = request.client.host if request.client else "unknown"
+        wait = limiter.blocked_for(client)
+        if wait > 0:
+            raise HTTPException(
+                429,
+                f"too many failed logins; retry in {wait:.0f} s",
+                headers={"Retry-After": str(int(wait) + 1)},
+            )
         if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
+            if credentials is not None:  # a wrong token is a guess; a missing one is not counted
+                limiter.failed(client)
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     Auth = Depends(require_token)

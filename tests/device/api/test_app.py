@@ -137,3 +137,12 @@ def test_every_route_but_liveness_refuses_a_missing_token(api: str) -> None:
             assert response.status_code == expected, (method, path, response.status_code)
             if path not in open_paths:
                 assert methods[method].get("security"), f"{method} {path} does not declare its auth"
+
+
+def test_guessing_tokens_gets_the_client_blocked(api: str) -> None:
+    wrong = {"Authorization": "Bearer guess"}
+    statuses = [httpx.get(f"{api}/api/status", headers=wrong).status_code for _ in range(10)]
+    assert statuses == [401] * 10
+    blocked = httpx.get(f"{api}/api/status", headers=auth())  # even the right token, for a while
+    assert blocked.status_code == 429 and int(blocked.headers["Retry-After"]) > 0
+    assert httpx.get(f"{api}/healthz").status_code == 200
