@@ -142,11 +142,32 @@ def device_serve(
 
 
 @device_app.command("probe")
-def device_probe(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
-    """Print this machine's hardware profile."""
+def device_probe(
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    explain: Annotated[
+        Path | None, typer.Option(help="a model package or .onnx: which backend and why")
+    ] = None,
+) -> None:
+    """Print this machine's hardware profile; with --explain, the backend a model gets here and why."""
     from device.engine.probe import probe
 
     profile = probe().to_dict()
+    if explain is not None:
+        from device.errors import DeviceError
+        from device.standalone import load_for_serving
+        from models.errors import ModelError
+
+        try:
+            _, serving = load_for_serving(explain, None)
+        except (DeviceError, ModelError) as e:
+            _fail(str(e))
+        profile = {
+            "model": serving.manifest.name,
+            "chosen": serving.backend,
+            "passed_over": serving.passed_over,
+            "golden_p95_ms": serving.golden_p95_ms,
+            "profile": profile,
+        }
     if as_json:
         _print_json(profile)
     else:

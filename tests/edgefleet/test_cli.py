@@ -30,3 +30,13 @@ def test_verify_fails_clearly_on_a_tampered_package(package_copy: Path) -> None:
     result = runner.invoke(app, ["models", "verify", str(package_copy)])
     assert result.exit_code == 1
     assert "golden.npz" in result.output
+
+
+def test_probe_explains_the_backend_choice(zoo: Path) -> None:
+    result = runner.invoke(app, ["device", "probe", "--json", "--explain", str(zoo / "v2")])
+    assert result.exit_code == 0, result.output
+    import json
+
+    explained = json.loads(result.output)
+    assert explained["chosen"] == "onnxruntime-cpu"
+    assert "not in this onnxruntime build" in explained["passed_over"]["onnxruntime-cuda"]
