@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device.engine.engine import Engine
 from device.slots import ModelSlots
-from device.updater import Updater
+from device.updater import Updater, UpdateRecord
 from models.signing import key_id, sign
 from protocol.frames import Chunk
 from protocol.messages import SignedUpdate, UpdateMetadata, UpdateOffer, UpdateState, UpdateStatus
@@ -66,6 +66,19 @@ def make_updater(data_dir: Path, engine: Engine, fleet: MemoryFleet, key: Ed2551
     return Updater(
         "dev-a", data_dir, engine, fleet, {key_id(key.public_key()): key.public_key()}, probation_s=0
     )
+
+
+def journal_as_if(data_dir: Path, offer: UpdateOffer, state: UpdateState, reason: str = "") -> None:
+    """The journal an agent would have left, written by the updater's own serializer."""
+    record = UpdateRecord(update=offer.update, state=state, reason=reason, target_slot="b", previous_slot="a")
+    (data_dir / "update-journal.json").write_text(json.dumps(record.to_json()))
+
+
+def switched_to_v2(data_dir: Path, archives: dict[int, Path]) -> ModelSlots:
+    slots = ModelSlots(data_dir / "models" / "surface-defect")
+    slots.unpack_into("b", archives[2])
+    slots.activate("b")
+    return slots
 
 
 def run_offer(updater: Updater, offer: UpdateOffer) -> None:
@@ -179,15 +192,7 @@ def test_restart_mid_update_fails_it_and_keeps_the_old_model(
 ) -> None:
     payload = archives[2].read_bytes()
     offer = offer_for(payload, signing_key)
-    journal = {
-        "update": offer.update.model_dump(mode="json"),
-        "state": "applying",
-        "reason": "",
-        "target_slot": "b",
-        "previous_slot": "a",
-        "history": [],
-    }
-    (data_dir / "update-journal.json").write_text(json.dumps(journal))
+    journal_as_if(data_dir, offer, UpdateState.APPLYING)
     fleet = MemoryFleet(payload)
     updater = make_updater(data_dir, serving_v1, fleet, signing_key)
     asyncio.run(updater.recover())
@@ -212,19 +217,9 @@ def test_a_repeated_offer_is_answered_with_the_journaled_state(
 def test_rollback_interrupted_before_the_link_moved_is_finished_at_boot(
     serving_v1: Engine, data_dir: Path, archives: dict[int, Path], signing_key: Ed25519PrivateKey
 ) -> None:
-    slots = ModelSlots(data_dir / "models" / "surface-defect")
-    slots.unpack_into("b", archives[2])
-    slots.activate("b")
+    slots = switched_to_v2(data_dir, archives)
     offer = offer_for(archives[2].read_bytes(), signing_key)
-    journal = {
-        "update": offer.update.model_dump(mode="json"),
-        "state": "rolled_back",
-        "reason": "errors",
-        "target_slot": "b",
-        "previous_slot": "a",
-        "history": [],
-    }
-    (data_dir / "update-journal.json").write_text(json.dumps(journal))
+    journal_as_if(data_dir, offer, UpdateState.ROLLED_BACK, reason="errors")
     updater = make_updater(data_dir, serving_v1, MemoryFleet(b""), signing_key)
     assert updater.repair_slots_at_boot("surface-defect", active_is_broken=False)
     assert slots.active_slot() == "a"
@@ -233,20 +228,10 @@ def test_rollback_interrupted_before_the_link_moved_is_finished_at_boot(
 def test_a_broken_slot_after_a_switch_falls_back_at_boot(
     serving_v1: Engine, data_dir: Path, archives: dict[int, Path], signing_key: Ed25519PrivateKey
 ) -> None:
-    slots = ModelSlots(data_dir / "models" / "surface-defect")
-    slots.unpack_into("b", archives[2])
-    slots.activate("b")
+    slots = switched_to_v2(data_dir, archives)
     (slots.slot_dir("b") / "model.onnx").write_bytes(b"")  # as after a power cut before the data hit the disk
     offer = offer_for(archives[2].read_bytes(), signing_key)
-    journal = {
-        "update": offer.update.model_dump(mode="json"),
-        "state": "probation",
-        "reason": "",
-        "target_slot": "b",
-        "previous_slot": "a",
-        "history": [],
-    }
-    (data_dir / "update-journal.json").write_text(json.dumps(journal))
+    journal_as_if(data_dir, offer, UpdateState.PROBATION)
     fleet = MemoryFleet(b"")
     updater = make_updater(data_dir, serving_v1, fleet, signing_key)
     assert not updater.repair_slots_at_boot("surface-defect", active_is_broken=False)
