@@ -174,14 +174,18 @@ class DeviceLink:
         except aiomqtt.MqttError:
             self._pending.append(status)
 
-    async def fetch_chunk(self, update_id: str, offset: int, length: int, timeout: float) -> Chunk:
+    async def fetch_chunk(
+        self, update_id: str, offset: int, length: int, timeout: float, payload: str = "package"
+    ) -> Chunk:
         await asyncio.wait_for(self.connected.wait(), timeout)
         client = self._client
         if client is None:
             raise TimeoutError("broker link dropped")
         future: asyncio.Future[Chunk] = asyncio.get_running_loop().create_future()
         self._waiting[(update_id, offset)] = future
-        request = ChunkRequest(update_id=update_id, offset=offset, length=length)
+        request = ChunkRequest.model_validate(
+            {"update_id": update_id, "offset": offset, "length": length, "payload": payload}
+        )
         try:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.ResponseTopic = self._topic(topics.CMD_CHUNK)

@@ -11,6 +11,11 @@ class FleetTransport(Protocol):
         """Deliver a status to the fleet (queued while the link is down)."""
         ...
 
-    async def fetch_chunk(self, update_id: str, offset: int, length: int, timeout: float) -> Chunk:
-        """Ask the fleet for bytes [offset, offset+length) of an update's payload; raise TimeoutError."""
+    async def fetch_chunk(
+        self, update_id: str, offset: int, length: int, timeout: float, payload: str = "package"
+    ) -> Chunk:
+        """Ask the fleet for bytes [offset, offset+length) of an update's payload; raise TimeoutError.
+
+        `payload` is "package" (the whole package archive) or "delta" (the package delta).
+        """
         ...

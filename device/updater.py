@@ -25,9 +25,18 @@ from device.slots import ModelSlots
 from device.transport import FleetTransport
 from device.update_machine import Event, next_state
 from models.errors import ModelError
+from models.manifest import Manifest
+from models.package_delta import apply_package_delta, manifest_sha256
 from models.signing import verify
 from protocol.frames import Chunk
-from protocol.messages import SignedUpdate, UpdateOffer, UpdateState, UpdateStatus
+from protocol.messages import (
+    DeltaPayload,
+    SignedUpdate,
+    UpdateMetadata,
+    UpdateOffer,
+    UpdateState,
+    UpdateStatus,
+)
 
 log = logging.getLogger(__name__)
 CHUNK_TIMEOUT_S = 10.0
@@ -212,13 +221,22 @@ class Updater:
         """Download, verify, unpack into the inactive slot and prove the model. None when it failed."""
         meta = offer.update.metadata
         try:
-            payload = await self._download(record, offer.chunk_size)
-            await self._step(record, Event.DOWNLOADED)
-            await asyncio.to_thread(self._verify_payload, payload, offer.update)
+            delta = await asyncio.to_thread(self._usable_delta, meta, slots)
+            kind, size, sha256 = (
+                ("delta", delta.size, delta.sha256) if delta else ("package", meta.size, meta.sha256)
+            )
+            payload = await self._download(record, offer.chunk_size, kind, size)
+            await self._step(record, Event.DOWNLOADED, payload=kind, bytes=size)
+            await asyncio.to_thread(self._verify_payload, payload, size, sha256)
             await self._step(record, Event.VERIFIED)
             record.target_slot = slots.inactive_slot()
             record.previous_slot = slots.active_slot()
-            manifest = await asyncio.to_thread(slots.unpack_into, record.target_slot, payload)
+            if delta is not None:
+                manifest = await asyncio.to_thread(
+                    self._apply_delta, slots, record.target_slot, payload, delta.manifest_sha256
+                )
+            else:
+                manifest = await asyncio.to_thread(slots.unpack_into, record.target_slot, payload)
             if (manifest.name, manifest.version) != (meta.model_name, meta.version):
                 raise UpdateRejected(
                     f"package holds {manifest.name} v{manifest.version}, "
@@ -236,6 +254,29 @@ class Updater:
             await self._step(record, Event.FAIL, reason)
             self._discard_download(meta.update_id)
             return None
+
+    @staticmethod
+    def _usable_delta(meta: UpdateMetadata, slots: ModelSlots) -> DeltaPayload | None:
+        """The offer's delta, when it was built against exactly the package this device runs."""
+        if meta.delta is None:
+            return None
+        if manifest_sha256(slots.active_dir()) != meta.delta.base_manifest_sha256:
+            log.info(
+                "update %s: its delta is for another base (v%d); fetching the whole package",
+                meta.update_id,
+                meta.delta.base_version,
+            )
+            return None
+        return meta.delta
+
+    @staticmethod
+    def _apply_delta(slots: ModelSlots, slot: str, payload: Path, manifest_sha: str) -> Manifest:
+        """Rebuild the new package into the inactive slot from the active one and the delta."""
+        try:
+            return apply_package_delta(payload, slots.active_dir(), slots.clear(slot), manifest_sha)
+        except Exception:
+            slots.clear(slot)  # no half-written package is left behind, even in the inactive slot
+            raise
 
     def _check_offer(self, update: SignedUpdate) -> ModelSlots:
         meta = update.metadata
@@ -255,47 +296,60 @@ class Updater:
             raise UpdateRejected(f"not enough disk: {free} bytes free, {needed} needed")
         return slots
 
-    async def _download(self, record: UpdateRecord, chunk_size: int) -> Path:
+    async def _download(self, record: UpdateRecord, chunk_size: int, kind: str, size: int) -> Path:
         """Pull the payload chunk by chunk into a .part file, each chunk checked as it arrives."""
-        meta = record.update.metadata
+        update_id = record.update_id
         self.downloads.mkdir(parents=True, exist_ok=True)
-        part = self.downloads / f"{meta.update_id}.part"
+        part = self.downloads / f"{update_id}.{kind}.part"
         offset = 0
         with part.open("wb") as out:
-            while offset < meta.size:
-                length = min(chunk_size, meta.size - offset)
-                chunk = await self._fetch_with_retries(meta.update_id, offset, length)
-                if chunk.total != meta.size or chunk.offset != offset or len(chunk.data) != length:
-                    raise UpdateRejected(f"chunk at {offset} does not fit the signed size {meta.size}")
+            while offset < size:
+                length = min(chunk_size, size - offset)
+                chunk = await self._fetch_with_retries(update_id, offset, length, kind, size)
+                if len(chunk.data) != length:
+                    raise UpdateRejected(f"chunk at {offset} does not fit the signed size {size}")
                 out.write(chunk.data)
                 offset += length
             out.flush()
             os.fsync(out.fileno())
         return part
 
-    async def _fetch_with_retries(self, update_id: str, offset: int, length: int) -> Chunk:
+    async def _fetch_with_retries(
+        self, update_id: str, offset: int, length: int, kind: str, total: int
+    ) -> Chunk:
+        misfit: Chunk | None = None
         for attempt in range(1, CHUNK_ATTEMPTS + 1):
             try:
-                return await self.transport.fetch_chunk(update_id, offset, length, CHUNK_TIMEOUT_S)
+                chunk = await self.transport.fetch_chunk(update_id, offset, length, CHUNK_TIMEOUT_S, kind)
             except TimeoutError:
                 log.warning("chunk %s@%d timed out (attempt %d)", update_id, offset, attempt)
+                continue
+            if chunk.total == total and chunk.offset == offset:
+                return chunk
+            # Maybe a late answer to an earlier request (another payload or offset): ask again.
+            misfit = chunk
+        if misfit is not None:
+            raise UpdateRejected(
+                f"chunk at {offset} does not fit the signed size {total}: the fleet answered "
+                f"{len(misfit.data)} bytes at {misfit.offset} of {misfit.total}"
+            )
         raise TimeoutError(
             f"download stalled: chunk at offset {offset} did not arrive after {CHUNK_ATTEMPTS} tries"
         )
 
     @staticmethod
-    def _verify_payload(payload: Path, update: SignedUpdate) -> None:
+    def _verify_payload(payload: Path, size: int, sha256: str) -> None:
         digest = hashlib.sha256()
         with payload.open("rb") as f:
             while block := f.read(1024 * 1024):
                 digest.update(block)
-        size = payload.stat().st_size
-        if size != update.metadata.size or digest.hexdigest() != update.metadata.sha256:
+        if payload.stat().st_size != size or digest.hexdigest() != sha256:
             payload.unlink()
             raise UpdateRejected("downloaded payload does not match the signed sha256 and size; discarded")
 
     def _discard_download(self, update_id: str) -> None:
-        (self.downloads / f"{update_id}.part").unlink(missing_ok=True)
+        for kind in ("package", "delta"):
+            (self.downloads / f"{update_id}.{kind}.part").unlink(missing_ok=True)
 
     async def _switch(self, record: UpdateRecord, slots: ModelSlots, candidate: ServingModel) -> None:
         assert record.target_slot is not None

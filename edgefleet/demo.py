@@ -261,6 +261,7 @@ def _summary_row(device: DeviceProcess, update: dict[str, Any], client: FleetCli
     counts = client.telemetry(device.device_id, limit=1)["counts"]
     model = status["models"][0]
     at = {e["state"]: e["ts"] for e in update["events"]}
+    downloaded = next((e["detail"] for e in update["events"] if e["state"] == "verifying"), {})
     return {
         "device": device.device_id,
         "model": f"{model['name']} v{model['version']}",
@@ -268,6 +269,7 @@ def _summary_row(device: DeviceProcess, update: dict[str, Any], client: FleetCli
         "backend": model["backend"],
         "inferred v1": status["pipeline"]["inferred_by_version"].get("1", 0),
         "inferred v2": status["pipeline"]["inferred_by_version"].get("2", 0),
+        "payload": f"{downloaded.get('payload', '?')} {downloaded.get('bytes', 0) / 1e3:.0f} kB",
         "switched s": f"{at['probation'] - at['offered']:.2f}",
         "committed s": f"{at['committed'] - at['offered']:.2f}",
         "sealed at fleet": f"{counts.get('metric', 0)} metrics, {counts.get('health', 0)} health",

@@ -4,6 +4,7 @@ The API and the MQTT worker are thin shells over this class. Publishing goes thr
 `publish` callable it is given, so tests can watch what would be sent.
 """
 
+import asyncio
 import logging
 import shutil
 import tempfile
@@ -22,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from fleet import broker_auth
 from fleet.db import Device, ModelVersion, TelemetryRecordRow, Update, UpdateEvent
+from fleet.deltas import delta_path, package_delta
 from fleet.errors import Conflict, InvalidRequest, NotFound
 from fleet.store import FleetDataDir
 from models.errors import ModelError
@@ -32,6 +34,7 @@ from protocol.errors import ProtocolError
 from protocol.frames import Chunk, encode_chunk
 from protocol.messages import (
     ChunkRequest,
+    DeltaPayload,
     DeviceState,
     Health,
     SignedUpdate,
@@ -199,20 +202,30 @@ class FleetService:
         """Sign an offer of `model_name` v`version` for each device and publish it."""
         if not device_ids:
             raise InvalidRequest("name at least one device")
-        created = []
-        with self.sessions.begin() as s:
+        with self.sessions() as s:
             model = s.scalars(
                 select(ModelVersion).where(ModelVersion.name == model_name, ModelVersion.version == version)
             ).first()
             if model is None:
                 raise NotFound(f"model {model_name} v{version} is not registered; push it first")
+            bases: dict[str, ModelVersion | None] = {}
             for device_id in device_ids:
-                if s.get(Device, device_id) is None:
+                device = s.get(Device, device_id)
+                if device is None:
                     raise NotFound(f"no device {device_id!r}")
+                bases[device_id] = self._delta_base(s, device, model)
+            s.expunge_all()
+        deltas: dict[int, DeltaPayload | None] = {}
+        for base in {b.version: b for b in bases.values() if b is not None}.values():
+            deltas[base.version] = await asyncio.to_thread(self._delta_payload, base, model)
+        created = []
+        with self.sessions.begin() as s:
+            for device_id, base in bases.items():
                 update = Update(
                     id=uuid.uuid4().hex[:16], device_id=device_id, model_version_id=model.id, offer={}
                 )
-                update.offer = self._signed_offer(update.id, model).model_dump(mode="json")
+                delta = deltas.get(base.version) if base is not None else None
+                update.offer = self._signed_offer(update.id, model, delta).model_dump(mode="json")
                 s.add(update)
                 created.append(update)
         for update in created:
@@ -220,7 +233,44 @@ class FleetService:
         with self.sessions() as s:
             return [self._update_view(s, s.get(Update, u.id)) for u in created]  # type: ignore[arg-type]
 
-    def _signed_offer(self, update_id: str, model: ModelVersion) -> UpdateOffer:
+    @staticmethod
+    def _delta_base(s: Session, device: Device, model: ModelVersion) -> ModelVersion | None:
+        """The registered version this device last reported running, when a delta from it makes sense."""
+        reported = (device.last_health or {}).get("models", [])
+        running = next((m.get("version") for m in reported if m.get("name") == model.name), None)
+        if not isinstance(running, int) or running >= model.version:
+            return None
+        return s.scalars(
+            select(ModelVersion).where(ModelVersion.name == model.name, ModelVersion.version == running)
+        ).first()
+
+    def _delta_payload(self, base: ModelVersion, model: ModelVersion) -> DeltaPayload | None:
+        """The package delta from `base` to `model`, or None when it would not save bytes or fails."""
+        try:
+            artifact = package_delta(
+                self.data.artifacts,
+                model.name,
+                base.version,
+                Path(base.path),
+                model.version,
+                Path(model.path),
+            )
+        except ModelError as e:
+            log.warning("no delta %s v%d -> v%d: %s", model.name, base.version, model.version, e)
+            return None
+        if artifact.size >= model.size:
+            return None
+        return DeltaPayload(
+            base_version=artifact.base_version,
+            base_manifest_sha256=artifact.base_manifest_sha256,
+            sha256=artifact.sha256,
+            size=artifact.size,
+            manifest_sha256=artifact.manifest_sha256,
+        )
+
+    def _signed_offer(
+        self, update_id: str, model: ModelVersion, delta: DeltaPayload | None = None
+    ) -> UpdateOffer:
         now = time.time()
         metadata = UpdateMetadata(
             update_id=update_id,
@@ -230,6 +280,7 @@ class FleetService:
             size=model.size,
             created=now,
             expires=now + OFFER_LIFETIME_S,
+            delta=delta,
         )
         key_id, signature = sign(metadata.model_dump(mode="json"), self.signing_key)
         return UpdateOffer(
@@ -424,11 +475,17 @@ class FleetService:
                 return None
             model = s.get(ModelVersion, update.model_version_id)
             assert model is not None
-        if request.offset >= model.size:
+            delta = update.offer.get("update", {}).get("metadata", {}).get("delta")
+        if request.payload == "delta":
+            if not delta:
+                return None
+            path = delta_path(self.data.artifacts, model.name, delta["base_version"], model.version)
+            total = int(delta["size"])
+        else:
+            path, total = Path(model.path), model.size
+        if request.offset >= total:
             return None
-        with open(model.path, "rb") as f:
+        with open(path, "rb") as f:
             f.seek(request.offset)
-            data = f.read(min(request.length, model.size - request.offset))
-        return encode_chunk(
-            Chunk(update_id=request.update_id, offset=request.offset, total=model.size, data=data)
-        )
+            data = f.read(min(request.length, total - request.offset))
+        return encode_chunk(Chunk(update_id=request.update_id, offset=request.offset, total=total, data=data))

@@ -100,6 +100,22 @@ class TelemetryAck(Message):
     refused: list[int] = Field(default=[], max_length=10_000)
 
 
+class DeltaPayload(Message):
+    """The same update, smaller: the new package as per-file deltas against the version named here.
+
+    A device whose active package's manifest.json hashes to `base_manifest_sha256` may fetch this
+    instead of the whole package;
+    the rebuilt package's manifest.json must hash to `manifest_sha256` (and the manifest names
+    every file's sha256), so the result is as well pinned as the whole package.
+    """
+
+    base_version: int = Field(ge=1)
+    base_manifest_sha256: Sha256Hex
+    sha256: Sha256Hex
+    size: int = Field(gt=0)
+    manifest_sha256: Sha256Hex
+
+
 class UpdateMetadata(Message):
     """What the fleet signs: the exact bytes a device may install, and for which model version."""
 
@@ -111,6 +127,7 @@ class UpdateMetadata(Message):
     size: int = Field(gt=0)
     created: float
     expires: float
+    delta: DeltaPayload | None = None
 
 
 class SignedUpdate(Message):
@@ -132,6 +149,7 @@ class ChunkRequest(Message):
     update_id: str = Field(min_length=1, max_length=64)
     offset: int = Field(ge=0)
     length: int = Field(gt=0, le=4 * 1024 * 1024)
+    payload: Literal["package", "delta"] = "package"
 
 
 class UpdateStatus(Message):

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from device.engine.engine import Engine
 from device.slots import ModelSlots
 from device.updater import Updater, UpdateRecord
+from models.package_delta import build_package_delta, manifest_sha256
 from models.signing import key_id, sign
 from protocol.frames import Chunk
 from protocol.messages import SignedUpdate, UpdateMetadata, UpdateOffer, UpdateState, UpdateStatus
@@ -20,15 +21,20 @@ from protocol.messages import SignedUpdate, UpdateMetadata, UpdateOffer, UpdateS
 class MemoryFleet:
     """Implements FleetTransport over bytes in memory."""
 
-    def __init__(self, payload: bytes) -> None:
-        self.payload = payload
+    def __init__(self, payload: bytes, delta: bytes = b"") -> None:
+        self.payloads = {"package": payload, "delta": delta}
+        self.fetched = {"package": 0, "delta": 0}
         self.statuses: list[UpdateStatus] = []
 
     async def publish_update_status(self, status: UpdateStatus) -> None:
         self.statuses.append(status)
 
-    async def fetch_chunk(self, update_id: str, offset: int, length: int, timeout: float) -> Chunk:
-        return Chunk(update_id, offset, len(self.payload), self.payload[offset : offset + length])
+    async def fetch_chunk(
+        self, update_id: str, offset: int, length: int, timeout: float, payload: str = "package"
+    ) -> Chunk:
+        data = self.payloads[payload][offset : offset + length]
+        self.fetched[payload] += len(data)
+        return Chunk(update_id, offset, len(self.payloads[payload]), data)
 
     @property
     def states(self) -> list[str]:
@@ -239,3 +245,83 @@ def test_a_broken_slot_after_a_switch_falls_back_at_boot(
     assert slots.active_manifest().version == 1
     asyncio.run(updater.recover())
     assert fleet.states == ["failed"] and "old model kept" in fleet.statuses[0].reason
+
+
+@pytest.fixture(scope="module")
+def v1_to_v2_delta(tmp_path_factory: pytest.TempPathFactory, zoo: Path) -> bytes:
+    path = tmp_path_factory.mktemp("pdelta") / "v1-v2.pdelta"
+    build_package_delta(zoo / "v1", zoo / "v2", path)
+    return path.read_bytes()
+
+
+def delta_fields(delta: bytes, zoo: Path, **overrides: object) -> dict[str, object]:
+    return {
+        "base_version": 1,
+        "base_manifest_sha256": manifest_sha256(zoo / "v1"),
+        "sha256": hashlib.sha256(delta).hexdigest(),
+        "size": len(delta),
+        "manifest_sha256": manifest_sha256(zoo / "v2"),
+        **overrides,
+    }
+
+
+def test_a_delta_update_rebuilds_the_new_package_from_the_active_slot(
+    serving_v1: Engine,
+    data_dir: Path,
+    archives: dict[int, Path],
+    signing_key: Ed25519PrivateKey,
+    v1_to_v2_delta: bytes,
+    zoo: Path,
+) -> None:
+    payload = archives[2].read_bytes()
+    fleet = MemoryFleet(payload, v1_to_v2_delta)
+    offer = offer_for(payload, signing_key, delta=delta_fields(v1_to_v2_delta, zoo))
+    run_offer(make_updater(data_dir, serving_v1, fleet, signing_key), offer)
+    assert fleet.states[-1] == "committed"
+    assert fleet.fetched == {"package": 0, "delta": len(v1_to_v2_delta)}
+    downloaded = next(s for s in fleet.statuses if s.state is UpdateState.VERIFYING)
+    assert downloaded.detail == {"payload": "delta", "bytes": len(v1_to_v2_delta)}
+    slots = ModelSlots(data_dir / "models" / "surface-defect")
+    assert slots.active_manifest().version == 2
+    for path in (zoo / "v2").iterdir():
+        assert (slots.active_dir() / path.name).read_bytes() == path.read_bytes()
+
+
+def test_a_delta_for_another_base_is_skipped_for_the_whole_package(
+    serving_v1: Engine,
+    data_dir: Path,
+    archives: dict[int, Path],
+    signing_key: Ed25519PrivateKey,
+    v1_to_v2_delta: bytes,
+    zoo: Path,
+) -> None:
+    payload = archives[2].read_bytes()
+    fleet = MemoryFleet(payload, v1_to_v2_delta)
+    other_base = delta_fields(v1_to_v2_delta, zoo, base_manifest_sha256=manifest_sha256(zoo / "v2"))
+    run_offer(
+        make_updater(data_dir, serving_v1, fleet, signing_key),
+        offer_for(payload, signing_key, delta=other_base),
+    )
+    assert fleet.states[-1] == "committed"
+    assert fleet.fetched == {"package": len(payload), "delta": 0}
+
+
+def test_a_delta_that_does_not_rebuild_the_signed_manifest_installs_nothing(
+    serving_v1: Engine,
+    data_dir: Path,
+    archives: dict[int, Path],
+    signing_key: Ed25519PrivateKey,
+    v1_to_v2_delta: bytes,
+    zoo: Path,
+) -> None:
+    payload = archives[2].read_bytes()
+    fleet = MemoryFleet(payload, v1_to_v2_delta)
+    wrong = delta_fields(v1_to_v2_delta, zoo, manifest_sha256=manifest_sha256(zoo / "v1"))
+    run_offer(
+        make_updater(data_dir, serving_v1, fleet, signing_key), offer_for(payload, signing_key, delta=wrong)
+    )
+    assert fleet.states[-1] == "failed" and "signed metadata" in fleet.statuses[-1].reason
+    assert_still_serving_v1(serving_v1, data_dir)
+    slots = ModelSlots(data_dir / "models" / "surface-defect")
+    assert list(slots.slot_dir("b").iterdir()) == [], "no half-built package is left in the inactive slot"
+    assert not list((data_dir / "downloads").iterdir())

@@ -50,12 +50,15 @@ def test_update_is_pushed_applied_and_reported(fleet: FleetProcess, device: Devi
     assert client is not None
     drop_images(device, 5, seed=1)
     wait_for("v1 inferences", lambda: device.inferred(1) >= 5, 30)
+    wait_for("the device to report what it runs", lambda: client.device("cam-1")["health"], 30)
 
     (update,) = client.start_update("surface-defect", 2, ["cam-1"])
     assert wait_for("the update to end", partial(final_state, client, update["update_id"]), 60) == "committed"
 
     events = client.update(update["update_id"])["events"]
     assert [e["state"] for e in events] == STATES
+    downloaded = events[STATES.index("verifying")]["detail"]
+    assert downloaded["payload"] == "delta", "a device known to run v1 fetches the v1 -> v2 delta"
     status = device.status()
     assert status["models"][0]["version"] == 2 and status["models"][0]["slot"] == "b"
     drop_images(device, 5, seed=2)

@@ -12,12 +12,15 @@ from fleet.db import open_database
 from fleet.errors import Conflict, InvalidRequest, NotFound
 from fleet.service import FleetService
 from fleet.store import FleetDataDir
+from models.package_delta import apply_package_delta
 from models.signing import key_id, load_public_key, public_key_pem, verify
 from protocol import topics
 from protocol.frames import decode_chunk
 from protocol.messages import (
     ChunkRequest,
     DeviceState,
+    Health,
+    ModelHealth,
     TelemetryRecord,
     UpdateOffer,
     UpdateState,
@@ -26,6 +29,7 @@ from protocol.messages import (
     encode,
 )
 from protocol.sealed import seal
+from tests.conftest import ZOO
 
 
 @pytest.fixture
@@ -94,6 +98,58 @@ def test_offer_is_signed_and_chunks_are_served_to_that_device_only(
     chunk = decode_chunk(service.chunk_for("cam-1", request) or b"")
     assert chunk.data == archives[2].read_bytes()[4096:8192]
     assert service.chunk_for("cam-2", request) is None, "another device's payload is not served"
+
+
+def _reports_running(service: FleetService, device_id: str, version: int) -> None:
+    health = Health(
+        device_id=device_id,
+        seq=1,
+        ts=0.0,
+        uptime_s=1.0,
+        cpu_percent=0.0,
+        memory_percent=0.0,
+        disk_free_bytes=1,
+        disk_percent=1.0,
+        models=[ModelHealth(name="surface-defect", version=version, slot="a", backend="onnxruntime-cpu")],
+    )
+    service.on_health(device_id, health)
+
+
+def test_a_device_that_runs_an_older_registered_version_is_offered_a_delta(
+    service: FleetService, archives: dict[int, Path], tmp_path: Path
+) -> None:
+    service.register_model(archives[1])
+    service.register_model(archives[2])
+    for device_id, runs in (("cam-1", 1), ("cam-2", None)):
+        service.add_device(device_id)
+        if runs is not None:
+            _reports_running(service, device_id, runs)
+    updates = asyncio.run(service.start_update("surface-defect", 2, ["cam-1", "cam-2"]))
+    offers = {topic.split("/")[2]: decode(UpdateOffer, payload) for topic, payload in service.sent}  # type: ignore[attr-defined]
+    assert offers["cam-2"].update.metadata.delta is None, "a device that reported no version gets the package"
+    delta = offers["cam-1"].update.metadata.delta
+    assert delta is not None and delta.base_version == 1
+    assert delta.size < 0.9 * archives[2].stat().st_size
+
+    update_id = next(u["update_id"] for u in updates if u["device_id"] == "cam-1")
+    served = bytearray()
+    while len(served) < delta.size:
+        request = ChunkRequest(update_id=update_id, offset=len(served), length=4096, payload="delta")
+        served += decode_chunk(service.chunk_for("cam-1", request) or b"").data
+    assert hashlib.sha256(served).hexdigest() == delta.sha256
+    out = tmp_path / "rebuilt"
+    manifest = apply_package_delta(
+        _write(tmp_path / "d", bytes(served)), ZOO / "v1", out, delta.manifest_sha256
+    )
+    assert manifest.version == 2
+    other = next(u["update_id"] for u in updates if u["device_id"] == "cam-2")
+    no_delta = ChunkRequest(update_id=other, offset=0, length=4096, payload="delta")
+    assert service.chunk_for("cam-2", no_delta) is None, "no delta is served for an update that has none"
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
 
 
 def test_statuses_move_the_update_until_it_is_final(service: FleetService, archives: dict[int, Path]) -> None:
