@@ -51,6 +51,7 @@ class UpdateRecord:
     reason: str = ""
     target_slot: str | None = None
     previous_slot: str | None = None
+    chunk_size: int = 256 * 1024
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -64,6 +65,7 @@ class UpdateRecord:
             "reason": self.reason,
             "target_slot": self.target_slot,
             "previous_slot": self.previous_slot,
+            "chunk_size": self.chunk_size,
             "history": self.history,
         }
 
@@ -75,6 +77,7 @@ class UpdateRecord:
             reason=data.get("reason", ""),
             target_slot=data.get("target_slot"),
             previous_slot=data.get("previous_slot"),
+            chunk_size=int(data.get("chunk_size", 256 * 1024)),
             history=list(data.get("history", [])),
         )
 
@@ -176,6 +179,14 @@ class Updater:
                 log.info("update %s: restarted during probation, resuming it", record.update_id)
                 await self._probation(record, slots, previous=None)
                 return
+            if record.state is UpdateState.DOWNLOADING:
+                # Nothing is written outside downloads/ yet; the verified part of the file is kept.
+                log.info("update %s: restarted while downloading, resuming", record.update_id)
+                offer = UpdateOffer(update=record.update, chunk_size=record.chunk_size)
+                candidate = await self._stage(record, slots, offer)
+                if candidate is not None:
+                    await self._switch_or_roll_back(record, slots, candidate)
+                return
             if record.state is UpdateState.PROBATION:
                 # Journaled the switch but the link never moved (or was moved back): the old slot is active.
                 record.state = UpdateState.TESTING
@@ -192,7 +203,7 @@ class Updater:
                 log.info("offer %s repeated; it is %s", meta.update_id, self.record.state.value)
                 await self._report(self.record)  # so the fleet converges on what the journal says
                 return
-            record = UpdateRecord(update=offer.update)
+            record = UpdateRecord(update=offer.update, chunk_size=offer.chunk_size)
             try:
                 slots = self._check_offer(offer.update)
             except UpdateRejected as e:
@@ -205,15 +216,19 @@ class Updater:
             await self._step(record, Event.OFFER)
             await self._step(record, Event.ACCEPT)
             candidate = await self._stage(record, slots, offer)
-            if candidate is None:
-                return
-            try:
-                await self._switch(record, slots, candidate)
-            except Exception as e:  # anything after the switch must put the old slot back
-                log.exception("update %s failed after the switch", meta.update_id)
-                if record.state is UpdateState.PROBATION:
-                    candidate.model.close()
-                    await self._roll_back(record, slots, None, f"failed after the switch: {e}")
+            if candidate is not None:
+                await self._switch_or_roll_back(record, slots, candidate)
+
+    async def _switch_or_roll_back(
+        self, record: UpdateRecord, slots: ModelSlots, candidate: ServingModel
+    ) -> None:
+        try:
+            await self._switch(record, slots, candidate)
+        except Exception as e:  # anything after the switch must put the old slot back
+            log.exception("update %s failed after the switch", record.update_id)
+            if record.state is UpdateState.PROBATION:
+                candidate.model.close()
+                await self._roll_back(record, slots, None, f"failed after the switch: {e}")
 
     async def _stage(
         self, record: UpdateRecord, slots: ModelSlots, offer: UpdateOffer
@@ -297,21 +312,33 @@ class Updater:
         return slots
 
     async def _download(self, record: UpdateRecord, chunk_size: int, kind: str, size: int) -> Path:
-        """Pull the payload chunk by chunk into a .part file, each chunk checked as it arrives."""
+        """Pull the payload chunk by chunk into a .part file, each chunk checked as it arrives.
+
+        Each chunk is on disk (fsync) before the next is asked for, so after a restart the download
+        goes on from the last whole chunk; the sha256 of the whole payload is checked afterwards.
+        """
         update_id = record.update_id
         self.downloads.mkdir(parents=True, exist_ok=True)
         part = self.downloads / f"{update_id}.{kind}.part"
         offset = 0
-        with part.open("wb") as out:
+        if part.exists():
+            offset = min(part.stat().st_size, size) // chunk_size * chunk_size
+            if offset:
+                log.info(
+                    "update %s: resuming the %s download at %d of %d bytes", update_id, kind, offset, size
+                )
+        with part.open("r+b" if part.exists() else "wb") as out:
+            out.truncate(offset)
+            out.seek(offset)
             while offset < size:
                 length = min(chunk_size, size - offset)
                 chunk = await self._fetch_with_retries(update_id, offset, length, kind, size)
                 if len(chunk.data) != length:
                     raise UpdateRejected(f"chunk at {offset} does not fit the signed size {size}")
                 out.write(chunk.data)
+                out.flush()
+                await asyncio.to_thread(os.fsync, out.fileno())
                 offset += length
-            out.flush()
-            os.fsync(out.fileno())
         return part
 
     async def _fetch_with_retries(

@@ -325,3 +325,24 @@ def test_a_delta_that_does_not_rebuild_the_signed_manifest_installs_nothing(
     slots = ModelSlots(data_dir / "models" / "surface-defect")
     assert list(slots.slot_dir("b").iterdir()) == [], "no half-built package is left in the inactive slot"
     assert not list((data_dir / "downloads").iterdir())
+
+
+def test_a_restart_while_downloading_resumes_from_the_last_whole_chunk(
+    serving_v1: Engine, data_dir: Path, archives: dict[int, Path], signing_key: Ed25519PrivateKey
+) -> None:
+    payload = archives[2].read_bytes()
+    offer = offer_for(payload, signing_key)  # 64 KiB chunks
+    journal_as_if(data_dir, offer, UpdateState.DOWNLOADING)
+    record = json.loads((data_dir / "update-journal.json").read_text())
+    record["chunk_size"] = offer.chunk_size
+    (data_dir / "update-journal.json").write_text(json.dumps(record))
+    (data_dir / "downloads").mkdir()
+    kept = 3 * offer.chunk_size
+    # Three whole chunks and a torn fourth, as a power cut leaves them.
+    (data_dir / "downloads" / "u1.package.part").write_bytes(payload[: kept + 1000])
+    fleet = MemoryFleet(payload)
+    updater = make_updater(data_dir, serving_v1, fleet, signing_key)
+    asyncio.run(updater.recover())
+    assert fleet.states[-1] == "committed", fleet.statuses[-1].reason
+    assert fleet.fetched["package"] == len(payload) - kept
+    assert serving_v1.get("surface-defect").manifest.version == 2
