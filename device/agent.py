@@ -197,7 +197,7 @@ class Agent:
             )
             self.health_seq += 1
             # The readable live copy for dashboards (best effort), and the durable one for the fleet.
-            await self.link.publish_health(health)
+            await self.link.publish_health(health.broker_view())  # the sealed copy keeps addresses
             await asyncio.to_thread(self._queue, Kind.HEALTH, health.model_dump(mode="json"))
             await asyncio.sleep(self.config.health_interval_s)
 

@@ -261,7 +261,9 @@ def _summary_row(device: DeviceProcess, update: dict[str, Any], client: FleetCli
     counts = client.telemetry(device.device_id, limit=1)["counts"]
     model = status["models"][0]
     at = {e["state"]: e["ts"] for e in update["events"]}
-    downloaded = next((e["detail"] for e in update["events"] if e["state"] == "verifying"), {})
+    downloaded: dict[str, Any] = next(
+        (e["detail"] for e in update["events"] if e["state"] == "verifying"), {}
+    )
     return {
         "device": device.device_id,
         "model": f"{model['name']} v{model['version']}",

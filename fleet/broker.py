@@ -90,6 +90,9 @@ class ManagedBroker:
             time.sleep(0.05)
         log.info("managed mosquitto (pid %d) on %s", self._process.pid, self.url)
 
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
     def reload(self) -> None:
         """Re-read the password and ACL files (Mosquitto does this on SIGHUP)."""
         if self._process and self._process.poll() is None:

@@ -81,6 +81,7 @@ class TelemetryRecordRow(Base):
     __table_args__ = (
         UniqueConstraint("device_id", "seq"),
         Index("ix_telemetry_device_kind", "device_id", "kind"),
+        Index("ix_telemetry_kind_received", "kind", "received"),  # the retention's age pass
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

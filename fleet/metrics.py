@@ -27,7 +27,12 @@ class FleetCollector:
             telemetry.add_metric([outcome], count)
         rejected = CounterMetricFamily("edgefleet_fleet_rejected_messages", "MQTT messages refused")
         rejected.add_metric([], snapshot["rejected_messages"])
-        yield from (devices, updates, telemetry, rejected)
+        pruned = CounterMetricFamily(
+            "edgefleet_fleet_telemetry_pruned", "Telemetry rows deleted by retention", labels=["kind"]
+        )
+        for kind, count in snapshot["pruned"].items():
+            pruned.add_metric([kind], count)
+        yield from (devices, updates, telemetry, rejected, pruned)
 
 
 def render(service: FleetService) -> bytes:

@@ -5,7 +5,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -15,6 +15,7 @@ from fleet.api import create_app
 from fleet.broker import ManagedBroker
 from fleet.db import open_database
 from fleet.mqtt_worker import FleetWorker
+from fleet.retention import RetentionPolicy, prune
 from fleet.service import FleetService
 from fleet.store import FleetDataDir
 
@@ -30,6 +31,9 @@ class ServeOptions:
     broker_host: str = "127.0.0.1"
     broker_port: int = 1883
     chunk_size: int = 256 * 1024
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
+    retention_interval_s: float = 3600.0
+    broker_check_s: float = 2.0
 
 
 class _Server(uvicorn.Server):
@@ -66,6 +70,9 @@ async def serve(options: ServeOptions, stop: asyncio.Event) -> None:
         )
     )
     tasks = [asyncio.create_task(worker.run(), name="mqtt"), asyncio.create_task(server.serve(), name="http")]
+    tasks.append(asyncio.create_task(_prune_forever(service, options), name="retention"))
+    if broker is not None:
+        tasks.append(asyncio.create_task(_supervise_broker(broker, options.broker_check_s), name="broker"))
     try:
         log.info("fleet API on http://%s:%d, broker %s", options.http_host, options.http_port, broker_url)
         done, _ = await asyncio.wait(
@@ -77,10 +84,38 @@ async def serve(options: ServeOptions, stop: asyncio.Event) -> None:
             raise RuntimeError(f"the MQTT worker stopped: {tasks[0].exception()!r}")
     finally:
         server.should_exit = True
-        tasks[0].cancel()
+        for task in (tasks[0], *tasks[2:]):
+            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if broker is not None:
             broker.stop()
+
+
+async def _prune_forever(service: FleetService, options: ServeOptions) -> None:
+    """Telemetry retention: soon after start, then every interval; a failed run is retried next time."""
+    await asyncio.sleep(min(60.0, options.retention_interval_s))
+    while True:
+        try:
+            deleted = await asyncio.to_thread(prune, service.sessions, options.retention)
+            service.pruned.update(deleted)
+            if any(deleted.values()):
+                log.info("telemetry retention deleted %s", deleted)
+        except Exception:  # the next run tries again; ingest must not stop for this
+            log.exception("telemetry retention run failed")
+        await asyncio.sleep(options.retention_interval_s)
+
+
+async def _supervise_broker(broker: ManagedBroker, every_s: float) -> None:
+    """The managed Mosquitto is part of the fleet: if it dies, start it again (devices reconnect)."""
+    while True:
+        await asyncio.sleep(every_s)
+        if broker.running():
+            continue
+        log.error("managed mosquitto exited (%s); starting it again", broker.log_tail(3))
+        try:
+            await asyncio.to_thread(broker.start)
+        except Exception:
+            log.exception("could not restart mosquitto; trying again in %.0f s", every_s)
 
 
 def run_server(options: ServeOptions) -> None:

@@ -78,6 +78,7 @@ class FleetService:
         self.telemetry_key = data.telemetry_key()
         self.telemetry_key_id = fleet_key_id(self.telemetry_key.public_key())
         self.telemetry_counts: Counter[str] = Counter()  # stored, duplicate, rejected:<reason>
+        self.pruned: Counter[str] = Counter()  # telemetry rows deleted by retention, per kind
         self._device_keys: dict[str, Ed25519PublicKey] = {}
         self.publish: Publish | None = None
         self.on_credentials_changed: Callable[[], None] = lambda: None
@@ -216,8 +217,8 @@ class FleetService:
                 bases[device_id] = self._delta_base(s, device, model)
             s.expunge_all()
         deltas: dict[int, DeltaPayload | None] = {}
-        for base in {b.version: b for b in bases.values() if b is not None}.values():
-            deltas[base.version] = await asyncio.to_thread(self._delta_payload, base, model)
+        for base_version, base_row in {b.version: b for b in bases.values() if b is not None}.items():
+            deltas[base_version] = await asyncio.to_thread(self._delta_payload, base_row, model)
         created = []
         with self.sessions.begin() as s:
             for device_id, base in bases.items():
@@ -444,6 +445,7 @@ class FleetService:
             "updates": updates,
             "telemetry": dict(self.telemetry_counts),
             "rejected_messages": self.rejected_messages,
+            "pruned": dict(self.pruned),
         }
 
     def telemetry(self, device_id: str, kind: str | None = None, limit: int = 100) -> dict[str, Any]:

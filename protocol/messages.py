@@ -65,9 +65,97 @@ class ModelHealth(Message):
     errors: int = 0
     latency_ms_p50: float | None = None
     latency_ms_p95: float | None = None
+    latency_ms_p99: float | None = None
+
+
+# Caps on the lists a Health carries. A Health at every cap stays far below MAX_JSON_PAYLOAD
+# (tests/protocol/test_health_message.py builds one); the device truncates to them, never fails.
+HEALTH_MAX_MODELS = 64
+HEALTH_MAX_LINKS = 32
+HEALTH_MAX_ADDRESSES = 16
+HEALTH_MAX_TEMPERATURES = 64
+HEALTH_MAX_GPUS = 16
+HEALTH_MAX_POWER_RAILS = 16
+HEALTH_NAME_MAX = 64
+
+HealthName = Annotated[str, Field(min_length=1, max_length=HEALTH_NAME_MAX)]
+Counter64 = Annotated[int, Field(ge=0)]
+
+
+class LoadAverage(Message):
+    """The kernel's run-queue averages over 1, 5 and 15 minutes; `cpus` to read them against."""
+
+    load1: float = Field(ge=0)
+    load5: float = Field(ge=0)
+    load15: float = Field(ge=0)
+    cpus: int | None = Field(default=None, ge=1)
+
+
+class Temperature(Message):
+    """One sensor: a thermal zone's `type`, or `<hwmon chip>/<label or tempN>`."""
+
+    sensor: HealthName
+    celsius: float = Field(ge=-273.15, le=1000)
+    source: Literal["thermal", "hwmon"]
+
+
+class LinkHealth(Message):
+    """One network link as netlink reports it; counters are the kernel's 64-bit totals since boot."""
+
+    name: str = Field(min_length=1, max_length=15)  # IFNAMSIZ - 1
+    operstate: str = Field(max_length=16)
+    mac: str | None = Field(default=None, max_length=64)
+    mtu: int | None = Field(default=None, ge=0)
+    rx_bytes: Counter64 = 0
+    tx_bytes: Counter64 = 0
+    rx_packets: Counter64 = 0
+    tx_packets: Counter64 = 0
+    rx_errors: Counter64 = 0
+    tx_errors: Counter64 = 0
+    rx_dropped: Counter64 = 0
+    tx_dropped: Counter64 = 0
+    # "address/prefixlen", IPv4 and IPv6.
+    addresses: list[Annotated[str, Field(max_length=64)]] = Field(default=[], max_length=HEALTH_MAX_ADDRESSES)
+
+
+class GpuHealth(Message):
+    """One GPU. On a Jetson (`tegrastats`) the GPU shares system RAM, so `memory_*` are RAM's figures."""
+
+    index: int = Field(ge=0)
+    name: str = Field(max_length=96)
+    source: Literal["nvidia-smi", "tegrastats"]
+    utilization_percent: float | None = Field(default=None, ge=0, le=100)
+    memory_used_bytes: int | None = Field(default=None, ge=0)
+    memory_total_bytes: int | None = Field(default=None, ge=0)
+    memory_shared: bool = False
+    temperature_c: float | None = Field(default=None, ge=-273.15, le=1000)
+    power_w: float | None = Field(default=None, ge=0)
+    clock_mhz: float | None = Field(default=None, ge=0)
+
+
+class PowerRail(Message):
+    """A power monitor's rail (a Jetson's INA3221 channels as tegrastats names them)."""
+
+    name: HealthName
+    milliwatts: float = Field(ge=0)
+    average_milliwatts: float | None = Field(default=None, ge=0)
 
 
 class Health(Message):
+    """A device's health snapshot, every `health_interval_s`.
+
+    It goes two ways. The sealed copy (telemetry outbox, HPKE to the fleet) carries every field and is
+    the one the fleet stores. The plain copy on `edgefleet/v1/<id>/health` (QoS 0) is readable by
+    whoever may read the device's subtree on the broker, so that broker-side dashboards (Grafana's
+    MQTT source, Node-RED, mosquitto_sub) can chart a device without the fleet's key: it is
+    `broker_view()`, which is everything except each link's `addresses` and `mac`. Nothing in Health
+    is a secret (no credentials, no keys, no payload data); the addresses are left out of the plain copy
+    because they map the plant's network, which dashboards do not need (operstate and counters suffice)
+    and the fleet has anyway.
+
+    Every field added after the first release has a default, so a Health from an older agent parses.
+    """
+
     device_id: str
     seq: int = Field(ge=0)
     ts: float
@@ -76,10 +164,21 @@ class Health(Message):
     memory_percent: float
     disk_free_bytes: int
     disk_percent: float
-    models: list[ModelHealth] = []
+    models: list[ModelHealth] = Field(default=[], max_length=HEALTH_MAX_MODELS)
     update_state: UpdateState = UpdateState.IDLE
     telemetry_pending: int = 0
     telemetry_evicted: dict[str, int] = {}
+    # Absent (None / empty) where the source is not on the machine or failed this time.
+    load: LoadAverage | None = None
+    temperatures: list[Temperature] = Field(default=[], max_length=HEALTH_MAX_TEMPERATURES)
+    links: list[LinkHealth] = Field(default=[], max_length=HEALTH_MAX_LINKS)
+    gpus: list[GpuHealth] = Field(default=[], max_length=HEALTH_MAX_GPUS)
+    power_rails: list[PowerRail] = Field(default=[], max_length=HEALTH_MAX_POWER_RAILS)
+
+    def broker_view(self) -> "Health":
+        """The copy for the plain health topic: links without their addresses and MAC."""
+        links = [link.model_copy(update={"addresses": [], "mac": None}) for link in self.links]
+        return self.model_copy(update={"links": links})
 
 
 class TelemetryRecord(Message):
