@@ -11,7 +11,6 @@ from typing import Any
 
 import uvicorn
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from device.api import create_app
@@ -25,9 +24,10 @@ from device.pipeline import FolderPipeline
 from device.slots import ModelSlots
 from device.telemetry.outbox import Kind, Outbox
 from device.telemetry.sender import TelemetrySender
+from device.tuf_client import TufClient, fetch_over_loop
 from device.updater import Updater
 from models.errors import ModelError
-from models.signing import key_id, load_private_key, load_public_key, public_key_pem
+from models.signing import load_private_key, public_key_pem
 from protocol.messages import TelemetryRecord, UpdateOffer, encode
 
 log = logging.getLogger(__name__)
@@ -48,16 +48,6 @@ def load_fleet_telemetry_key(path: Path) -> X25519PublicKey:
     if not isinstance(key, X25519PublicKey):
         raise ConfigError(f"{path} is not an X25519 public key")
     return key
-
-
-def load_trusted_keys(folder: Path) -> dict[str, Ed25519PublicKey]:
-    keys = {}
-    for path in sorted(folder.glob("*.pem")):
-        key = load_public_key(path.read_bytes())
-        keys[key_id(key)] = key
-    if not keys:
-        raise ConfigError(f"no fleet public keys in {folder}: the device could not verify any update")
-    return keys
 
 
 class _Server(uvicorn.Server):
@@ -94,12 +84,13 @@ class Agent:
             self.link.publish_telemetry,
         )
         self.link.on_telemetry_ack = self.sender.on_receipt
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.updater = Updater(
             config.device_id,
             data.root,
             self.engine,
             self.link,
-            load_trusted_keys(data.fleet_keys),
+            TufClient(data.root, self._fetch_tuf_file),
             probation_s=config.probation_s,
         )
         self.slots = {s.model_name: s for s in map(ModelSlots, sorted(data.models.iterdir())) if s.exists()}
@@ -201,8 +192,15 @@ class Agent:
             await asyncio.to_thread(self._queue, Kind.HEALTH, health.model_dump(mode="json"))
             await asyncio.sleep(self.config.health_interval_s)
 
+    def _fetch_tuf_file(self, url: str, max_length: int, deadline_s: float) -> bytes:
+        """The TUF client's transport: blocking, called from the updater's worker thread."""
+        if self._loop is None:
+            raise TimeoutError("the agent is not running yet")
+        return fetch_over_loop(self._loop, self.link.fetch_metadata)(url, max_length, deadline_s)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set; models are loaded and proven before anything else starts."""
+        self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self.load_models)
         first_model = next(iter(self.slots))
         self.pipeline = FolderPipeline(

@@ -36,7 +36,6 @@ class DataDir:
         self.root = root
         self.config = root / CONFIG_FILE
         self.secrets = root / "secrets"
-        self.fleet_keys = root / "fleet-keys"
         self.models = root / "models"
         self.inbox = root / "inbox"
         self.processed = root / "processed"

@@ -24,6 +24,7 @@ from protocol.messages import (
     ChunkRequest,
     DeviceState,
     Health,
+    MetadataRequest,
     TelemetryAck,
     UpdateOffer,
     UpdateState,
@@ -69,6 +70,7 @@ class DeviceLink:
         self._client: aiomqtt.Client | None = None
         self._pending: deque[UpdateStatus] = deque(maxlen=MAX_PENDING_STATUSES)
         self._waiting: dict[tuple[str, int], asyncio.Future[Chunk]] = {}
+        self._waiting_metadata: dict[str, asyncio.Future[Chunk]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _topic(self, leaf: str) -> str:
@@ -130,6 +132,11 @@ class DeviceLink:
         try:
             if topic == self._topic(topics.CMD_CHUNK):
                 self._resolve_chunk(decode_chunk(payload))
+            elif topic == self._topic(topics.CMD_METADATA):
+                frame = decode_chunk(payload)
+                waiting = self._waiting_metadata.pop(frame.update_id, None)
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(frame)
             elif topic == self._topic(topics.CMD_UPDATE):
                 offer = decode(UpdateOffer, payload, topic=topic)
                 self._spawn(self.on_offer(offer))
@@ -195,6 +202,36 @@ class DeviceLink:
             raise TimeoutError(f"chunk request failed: {e}") from e
         finally:
             self._waiting.pop((update_id, offset), None)
+
+    async def fetch_metadata(self, url: str, max_length: int, deadline_s: float) -> bytes:
+        """One TUF metadata file from the fleet (the TUF client's fetch); FileNotFoundError if none."""
+        name = url.rsplit("/", 1)[-1]
+        try:
+            request = MetadataRequest(name=name)
+        except ValueError:
+            raise FileNotFoundError(f"{name!r} is not a TUF metadata file the fleet serves") from None
+        await asyncio.wait_for(self.connected.wait(), deadline_s)
+        client = self._client
+        if client is None:
+            raise TimeoutError("broker link dropped")
+        future: asyncio.Future[Chunk] = asyncio.get_running_loop().create_future()
+        self._waiting_metadata[name] = future
+        try:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.ResponseTopic = self._topic(topics.CMD_METADATA)
+            await client.publish(
+                self._topic(topics.METADATA_REQUEST), encode(request), qos=1, properties=props
+            )
+            frame = await asyncio.wait_for(future, deadline_s)
+        except aiomqtt.MqttError as e:
+            raise TimeoutError(f"metadata request failed: {e}") from e
+        finally:
+            self._waiting_metadata.pop(name, None)
+        if frame.total == 0:
+            raise FileNotFoundError(f"the fleet has no {name}")
+        if frame.total > max_length or frame.total != len(frame.data):
+            raise ValueError(f"{name}: {frame.total} bytes, over the {max_length} allowed or in pieces")
+        return frame.data
 
     async def publish_telemetry(self, envelopes: list[bytes]) -> None:
         """Publish sealed records at QoS 1; returns once the broker acknowledged every one."""

@@ -8,12 +8,13 @@ from device.atomic import write_json_atomic
 from device.config import DataDir, DeviceConfig, validate_device_id
 from device.errors import ConfigError
 from device.slots import install_initial
+from device.tuf_client import bootstrap
 from models.manifest import Manifest
-from models.signing import generate_private_key, key_id, load_public_key
+from models.signing import generate_private_key
 
 
 def provision(data_dir: Path, enrollment: dict[str, Any], model_archive: Path, **settings: Any) -> Manifest:
-    """Write config, secrets and trusted keys, and install the first model into slot `a`."""
+    """Write config, secrets and the fleet's TUF root, and install the first model into slot `a`."""
     data = DataDir(data_dir)
     if data.config.exists():
         raise ConfigError(f"{data.config} exists: this data dir is already provisioned")
@@ -21,15 +22,13 @@ def provision(data_dir: Path, enrollment: dict[str, Any], model_archive: Path, *
         device_id = validate_device_id(str(enrollment["device_id"]))
         fleet_url = str(enrollment["fleet_url"])
         password = str(enrollment["mqtt_password"])
-        keys = [load_public_key(pem) for pem in enrollment["fleet_public_keys"]]
+        tuf_root = str(enrollment["tuf_root"]).encode()
         telemetry_key = str(enrollment["fleet_telemetry_key"])
     except KeyError as e:
         raise ConfigError(f"enrollment lacks {e.args[0]!r}: use the JSON the fleet returned") from e
     config = DeviceConfig(device_id=device_id, fleet_url=fleet_url, **settings)
     data.make_dirs()
-    data.fleet_keys.mkdir(parents=True, exist_ok=True)
-    for key, pem in zip(keys, enrollment["fleet_public_keys"], strict=True):
-        (data.fleet_keys / f"{key_id(key)}.pem").write_text(pem)
+    bootstrap(data.root, tuf_root)  # the root of trust for every update this device will take
     data.write_secret("mqtt-password", password)
     data.fleet_telemetry_key.write_text(telemetry_key)
     if not data.device_key.exists():

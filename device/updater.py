@@ -1,8 +1,9 @@
 """Runs one update at a time through the state machine, journaling each state before acting on it.
 
-The order of checks is the security argument: the signature and the version are checked before a
-byte is downloaded, the payload's sha256 before it is unpacked, the package's own hashes while it
-is unpacked, and the golden vectors before the switch. The active slot is never written.
+The order of checks is the security argument: the fleet's TUF metadata (signatures, thresholds,
+expiry, rollback) and the version are checked before a byte is downloaded, the payload's sha256
+(the one the signed targets name) before it is unpacked, the package's own hashes while it is
+unpacked, and the golden vectors before the switch. The active slot is never written.
 """
 
 import asyncio
@@ -16,27 +17,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from device.atomic import write_json_atomic
 from device.engine.engine import Engine, ServingModel
 from device.errors import DeviceError, UpdateRejected
 from device.slots import ModelSlots
 from device.transport import FleetTransport
+from device.tuf_client import TufClient
 from device.update_machine import Event, next_state
 from models.errors import ModelError
 from models.manifest import Manifest
 from models.package_delta import apply_package_delta, manifest_sha256
-from models.signing import verify
 from protocol.frames import Chunk
 from protocol.messages import (
     DeltaPayload,
-    SignedUpdate,
     UpdateMetadata,
     UpdateOffer,
     UpdateState,
     UpdateStatus,
 )
+from protocol.targets import archive_target_name, delta_target_name
 
 log = logging.getLogger(__name__)
 CHUNK_TIMEOUT_S = 10.0
@@ -46,7 +45,7 @@ DISK_HEADROOM_BYTES = 32 * 1024 * 1024
 
 @dataclass
 class UpdateRecord:
-    update: SignedUpdate
+    update: UpdateMetadata  # as verified against the fleet's TUF targets
     state: UpdateState = UpdateState.IDLE
     reason: str = ""
     target_slot: str | None = None
@@ -56,7 +55,7 @@ class UpdateRecord:
 
     @property
     def update_id(self) -> str:
-        return self.update.metadata.update_id
+        return self.update.update_id
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -72,7 +71,8 @@ class UpdateRecord:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "UpdateRecord":
         return cls(
-            update=SignedUpdate.model_validate(data["update"]),
+            # Journals written before TUF wrapped the metadata with its signature.
+            update=UpdateMetadata.model_validate(data["update"].get("metadata", data["update"])),
             state=UpdateState(data["state"]),
             reason=data.get("reason", ""),
             target_slot=data.get("target_slot"),
@@ -89,7 +89,7 @@ class Updater:
         data_dir: Path,
         engine: Engine,
         transport: FleetTransport,
-        trusted_keys: dict[str, Ed25519PublicKey],
+        tuf: TufClient,
         probation_s: float = 30.0,
         probation_max_error_rate: float = 0.2,
     ) -> None:
@@ -99,7 +99,7 @@ class Updater:
         self.journal_path = data_dir / "update-journal.json"
         self.engine = engine
         self.transport = transport
-        self.trusted_keys = trusted_keys
+        self.tuf = tuf
         self.probation_s = probation_s
         self.probation_max_error_rate = probation_max_error_rate
         self.record: UpdateRecord | None = self._read_journal()
@@ -121,7 +121,7 @@ class Updater:
         await self._report(record, **detail)
 
     async def _report(self, record: UpdateRecord, **detail: Any) -> None:
-        meta = record.update.metadata
+        meta = record.update
         status = UpdateStatus(
             device_id=self.device_id,
             update_id=meta.update_id,
@@ -149,7 +149,7 @@ class Updater:
         Returns whether the link was moved.
         """
         record = self.record
-        if record is None or record.update.metadata.model_name != model_name:
+        if record is None or record.update.model_name != model_name:
             return False
         if not (record.previous_slot and record.target_slot):
             return False
@@ -174,7 +174,7 @@ class Updater:
             record = self.record
             if record is None or record.state.is_final:
                 return
-            slots = ModelSlots(self.models_dir / record.update.metadata.model_name)
+            slots = ModelSlots(self.models_dir / record.update.model_name)
             if record.state is UpdateState.PROBATION and slots.active_slot() == record.target_slot:
                 log.info("update %s: restarted during probation, resuming it", record.update_id)
                 await self._probation(record, slots, previous=None)
@@ -197,21 +197,24 @@ class Updater:
 
     # -- the update ------------------------------------------------------------------------
     async def handle_offer(self, offer: UpdateOffer) -> None:
-        meta = offer.update.metadata
+        meta = offer.update
         async with self._lock:
             if self.record and self.record.update_id == meta.update_id:
                 log.info("offer %s repeated; it is %s", meta.update_id, self.record.state.value)
                 await self._report(self.record)  # so the fleet converges on what the journal says
                 return
-            record = UpdateRecord(update=offer.update, chunk_size=offer.chunk_size)
             try:
-                slots = self._check_offer(offer.update)
+                slots = self._check_offer(meta)
+                verified = await asyncio.to_thread(self._verify_with_tuf, meta)
+                self._check_disk(verified)
             except UpdateRejected as e:
                 # A refused offer never becomes this device's update: the journal keeps the last one.
-                record.state, record.reason = UpdateState.FAILED, str(e)
+                refused = UpdateRecord(update=meta, state=UpdateState.FAILED, reason=str(e))
                 log.warning("update %s refused: %s", meta.update_id, e)
-                await self._report(record)
+                await self._report(refused)
                 return
+            offer = offer.model_copy(update={"update": verified})
+            record = UpdateRecord(update=verified, chunk_size=offer.chunk_size)
             self.record = record
             await self._step(record, Event.OFFER)
             await self._step(record, Event.ACCEPT)
@@ -234,7 +237,7 @@ class Updater:
         self, record: UpdateRecord, slots: ModelSlots, offer: UpdateOffer
     ) -> ServingModel | None:
         """Download, verify, unpack into the inactive slot and prove the model. None when it failed."""
-        meta = offer.update.metadata
+        meta = offer.update
         try:
             delta = await asyncio.to_thread(self._usable_delta, meta, slots)
             kind, size, sha256 = (
@@ -293,23 +296,66 @@ class Updater:
             slots.clear(slot)  # no half-written package is left behind, even in the inactive slot
             raise
 
-    def _check_offer(self, update: SignedUpdate) -> ModelSlots:
-        meta = update.metadata
-        try:
-            verify(meta.model_dump(mode="json"), update.key_id, update.signature, self.trusted_keys)
-        except ModelError as e:
-            raise UpdateRejected(str(e)) from e
+    def _check_offer(self, meta: UpdateMetadata) -> ModelSlots:
+        """What needs no network: the model is installed here and the offer is newer."""
         slots = ModelSlots(self.models_dir / meta.model_name)
         if not slots.exists():
             raise UpdateRejected(f"model {meta.model_name!r} is not installed on this device")
         installed = slots.active_manifest().version
         if meta.version <= installed:
             raise UpdateRejected(f"version {meta.version} is not newer than the installed {installed}")
+        return slots
+
+    def _verify_with_tuf(self, meta: UpdateMetadata) -> UpdateMetadata:
+        """Refresh the fleet's TUF metadata and hold the offer to it; returns what may be used.
+
+        The offer itself is unsigned: every size and hash the updater will check later must be the
+        one the signed targets name. A delta the targets do not list is dropped (the whole package
+        is fetched instead); one they list with other bytes refuses the offer.
+        """
+        package_name = archive_target_name(meta.model_name, meta.version)
+        try:
+            self.tuf.refresh()
+            package = self.tuf.target_info(package_name)
+            delta_name = (
+                delta_target_name(meta.model_name, meta.delta.base_version, meta.version)
+                if meta.delta
+                else ""
+            )
+            delta = self.tuf.target_info(delta_name) if meta.delta else None
+        except DeviceError as e:  # refused, expired or unreachable metadata, or no trusted root
+            raise UpdateRejected(f"signed metadata: {e}") from e
+        if package is None:
+            raise UpdateRejected(f"{package_name} is not in the fleet's signed targets; refused")
+        if package.length != meta.size or package.hashes.get("sha256") != meta.sha256:
+            raise UpdateRejected(f"the offer's size or sha256 differs from the signed target {package_name}")
+        if meta.delta is None:
+            return meta
+        if delta is None:
+            log.warning("update %s: %s is not signed; fetching the whole package", meta.update_id, delta_name)
+            return meta.model_copy(update={"delta": None})
+        signed = (
+            delta.length,
+            delta.hashes.get("sha256"),
+            delta.custom.get("base_manifest_sha256"),
+            delta.custom.get("manifest_sha256"),
+        )
+        offered = (
+            meta.delta.size,
+            meta.delta.sha256,
+            meta.delta.base_manifest_sha256,
+            meta.delta.manifest_sha256,
+        )
+        if signed != offered:
+            raise UpdateRejected(f"the offer's delta differs from the signed target {delta_name}; refused")
+        return meta
+
+    def _check_disk(self, meta: UpdateMetadata) -> None:
         free = shutil.disk_usage(self.models_dir).free
-        needed = 3 * meta.size + DISK_HEADROOM_BYTES
+        download = meta.delta.size if meta.delta else meta.size
+        needed = download + 2 * meta.size + DISK_HEADROOM_BYTES  # payload, unpacked slot, slack
         if free < needed:
             raise UpdateRejected(f"not enough disk: {free} bytes free, {needed} needed")
-        return slots
 
     async def _download(self, record: UpdateRecord, chunk_size: int, kind: str, size: int) -> Path:
         """Pull the payload chunk by chunk into a .part file, each chunk checked as it arrives.
@@ -391,7 +437,7 @@ class Updater:
         self, record: UpdateRecord, slots: ModelSlots, previous: ServingModel | None
     ) -> None:
         """Watch the new model on live traffic; roll back by itself if it errs too often."""
-        name = record.update.metadata.model_name
+        name = record.update.model_name
         await asyncio.sleep(self.probation_s)
         stats = self.engine.get(name).stats
         attempts = stats.inferences + stats.errors

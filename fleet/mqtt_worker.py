@@ -19,7 +19,17 @@ from fleet.service import FleetService
 from protocol import topics
 from protocol.backoff import backoff_delay
 from protocol.errors import ProtocolError
-from protocol.messages import ChunkRequest, DeviceState, Health, TelemetryAck, UpdateStatus, decode, encode
+from protocol.frames import Chunk, encode_chunk
+from protocol.messages import (
+    ChunkRequest,
+    DeviceState,
+    Health,
+    MetadataRequest,
+    TelemetryAck,
+    UpdateStatus,
+    decode,
+    encode,
+)
 from protocol.sealed import peek_header
 
 log = logging.getLogger(__name__)
@@ -114,7 +124,13 @@ class FleetWorker:
         ) as client:
             self._client = client
             await client.subscribe(topics.all_devices(topics.STATE), qos=1)
-            for leaf in (topics.HEALTH, topics.UPDATE_STATUS, topics.CHUNK_REQUEST, topics.TELEMETRY):
+            for leaf in (
+                topics.HEALTH,
+                topics.UPDATE_STATUS,
+                topics.CHUNK_REQUEST,
+                topics.METADATA_REQUEST,
+                topics.TELEMETRY,
+            ):
                 await client.subscribe(topics.shared(topics.all_devices(leaf)), qos=1)
             self.connected.set()
             log.info("fleet worker %s subscribed on %s:%d", self.worker_id, self.host, self.port)
@@ -143,6 +159,11 @@ class FleetWorker:
                 frame = self.service.chunk_for(device_id, request)
                 if frame is not None:
                     await self.publish(topics.device_topic(device_id, topics.CMD_CHUNK), frame, 1)
+            elif leaf == topics.METADATA_REQUEST:
+                name = decode(MetadataRequest, payload).name
+                data = await asyncio.to_thread(self.service.metadata_file, name) or b""
+                frame = encode_chunk(Chunk(update_id=name, offset=0, total=len(data), data=data))
+                await self.publish(topics.device_topic(device_id, topics.CMD_METADATA), frame, 1)
         except (ProtocolError, ValueError) as e:
             self.service.rejected_messages += 1
             log.warning("rejected message on %s: %s", topic, e)

@@ -71,6 +71,7 @@ async def serve(options: ServeOptions, stop: asyncio.Event) -> None:
     )
     tasks = [asyncio.create_task(worker.run(), name="mqtt"), asyncio.create_task(server.serve(), name="http")]
     tasks.append(asyncio.create_task(_prune_forever(service, options), name="retention"))
+    tasks.append(asyncio.create_task(_resign_forever(service), name="tuf"))
     if broker is not None:
         tasks.append(asyncio.create_task(_supervise_broker(broker, options.broker_check_s), name="broker"))
     try:
@@ -103,6 +104,19 @@ async def _prune_forever(service: FleetService, options: ServeOptions) -> None:
         except Exception:  # the next run tries again; ingest must not stop for this
             log.exception("telemetry retention run failed")
         await asyncio.sleep(options.retention_interval_s)
+
+
+async def _resign_forever(service: FleetService, every_s: float = 3600.0) -> None:
+    """Re-sign TUF metadata before it expires: devices refuse an expired timestamp (a freeze attack
+    looks exactly like a fleet that stopped signing)."""
+    while True:
+        try:
+            renewed = await asyncio.to_thread(service.tuf.refresh_expiring)
+            if renewed:
+                log.info("re-signed TUF metadata: %s", ", ".join(renewed))
+        except Exception:
+            log.exception("re-signing TUF metadata failed; trying again in %.0f s", every_s)
+        await asyncio.sleep(every_s)
 
 
 async def _supervise_broker(broker: ManagedBroker, every_s: float) -> None:

@@ -23,12 +23,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from fleet import broker_auth
 from fleet.db import Device, ModelVersion, TelemetryRecordRow, Update, UpdateEvent
-from fleet.deltas import delta_path, package_delta
+from fleet.deltas import DeltaArtifact, delta_path, package_delta
 from fleet.errors import Conflict, InvalidRequest, NotFound
 from fleet.store import FleetDataDir
+from fleet.tuf_repository import TufRepository
 from models.errors import ModelError
 from models.package import hash_file, unpack
-from models.signing import load_public_key, public_key_pem, sign
+from models.package_delta import manifest_sha256
+from models.signing import load_public_key
 from protocol import topics
 from protocol.errors import ProtocolError
 from protocol.frames import Chunk, encode_chunk
@@ -37,7 +39,6 @@ from protocol.messages import (
     DeltaPayload,
     DeviceState,
     Health,
-    SignedUpdate,
     TelemetryRecord,
     UpdateMetadata,
     UpdateOffer,
@@ -47,10 +48,10 @@ from protocol.messages import (
     encode,
 )
 from protocol.sealed import fleet_key_id, open_sealed
+from protocol.targets import archive_target_name, delta_target_name
 
 log = logging.getLogger(__name__)
 Publish = Callable[[str, bytes, int], Awaitable[None]]
-OFFER_LIFETIME_S = 7 * 24 * 3600
 FINAL_STATES = {state.value for state in UpdateState if state.is_final}
 
 
@@ -74,7 +75,9 @@ class FleetService:
         self.sessions = sessions
         self.broker_url = broker_url
         self.chunk_size = chunk_size
-        self.signing_key = data.signing_key()
+        self.tuf = TufRepository.in_data_dir(data)
+        if not self.tuf.initialized:
+            self.tuf.init()
         self.telemetry_key = data.telemetry_key()
         self.telemetry_key_id = fleet_key_id(self.telemetry_key.public_key())
         self.telemetry_counts: Counter[str] = Counter()  # stored, duplicate, rejected:<reason>
@@ -115,7 +118,7 @@ class FleetService:
             "device_id": device_id,
             "fleet_url": self.broker_url,
             "mqtt_password": password,
-            "fleet_public_keys": [public_key_pem(self.signing_key)],
+            "tuf_root": self.tuf.trusted_root().decode(),
             "fleet_telemetry_key": self.telemetry_key.public_key()
             .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
             .decode(),
@@ -151,6 +154,7 @@ class FleetService:
         with tempfile.TemporaryDirectory(dir=self.data.root) as tmp:
             try:
                 manifest = unpack(archive, Path(tmp) / "pkg")
+                manifest_digest = manifest_sha256(Path(tmp) / "pkg")
             except ModelError as e:
                 raise InvalidRequest(f"not a valid model package: {e}") from e
         digest = hash_file(archive)
@@ -179,6 +183,17 @@ class FleetService:
             )
             s.add(row)
             s.flush()
+            # Listed in TUF last: a device can only ever be offered what the registry holds.
+            self.tuf.add_target(
+                target,
+                archive_target_name(manifest.name, manifest.version),
+                {
+                    "model": manifest.name,
+                    "version": manifest.version,
+                    "format": "package-tar",
+                    "manifest_sha256": manifest_digest,
+                },
+            )
             return self._model_view(row)
 
     def list_models(self) -> list[dict[str, Any]]:
@@ -226,7 +241,7 @@ class FleetService:
                     id=uuid.uuid4().hex[:16], device_id=device_id, model_version_id=model.id, offer={}
                 )
                 delta = deltas.get(base.version) if base is not None else None
-                update.offer = self._signed_offer(update.id, model, delta).model_dump(mode="json")
+                update.offer = self._offer(update.id, model, delta).model_dump(mode="json")
                 s.add(update)
                 created.append(update)
         for update in created:
@@ -261,6 +276,7 @@ class FleetService:
             return None
         if artifact.size >= model.size:
             return None
+        self._publish_delta(model, artifact)
         return DeltaPayload(
             base_version=artifact.base_version,
             base_manifest_sha256=artifact.base_manifest_sha256,
@@ -269,25 +285,48 @@ class FleetService:
             manifest_sha256=artifact.manifest_sha256,
         )
 
-    def _signed_offer(
-        self, update_id: str, model: ModelVersion, delta: DeltaPayload | None = None
-    ) -> UpdateOffer:
-        now = time.time()
+    def _publish_delta(self, model: ModelVersion, artifact: DeltaArtifact) -> None:
+        """List the delta in TUF (once): a device uses only payloads the signed targets name."""
+        name = delta_target_name(model.name, artifact.base_version, model.version)
+        listed = self.tuf.target(name)
+        if listed is not None and listed.hashes.get("sha256") == artifact.sha256:
+            return
+        self.tuf.add_target(
+            Path(model.path),
+            archive_target_name(model.name, model.version),
+            {
+                "model": model.name,
+                "version": model.version,
+                "format": "package-tar",
+                "manifest_sha256": artifact.manifest_sha256,
+            },
+            deltas={artifact.base_version: artifact.path},
+            delta_custom={
+                artifact.base_version: {
+                    "base_manifest_sha256": artifact.base_manifest_sha256,
+                    "manifest_sha256": artifact.manifest_sha256,
+                }
+            },
+        )
+
+    def _offer(self, update_id: str, model: ModelVersion, delta: DeltaPayload | None = None) -> UpdateOffer:
         metadata = UpdateMetadata(
             update_id=update_id,
             model_name=model.name,
             version=model.version,
             sha256=model.sha256,
             size=model.size,
-            created=now,
-            expires=now + OFFER_LIFETIME_S,
+            created=time.time(),
             delta=delta,
         )
-        key_id, signature = sign(metadata.model_dump(mode="json"), self.signing_key)
-        return UpdateOffer(
-            update=SignedUpdate(metadata=metadata, key_id=key_id, signature=signature),
-            chunk_size=self.chunk_size,
-        )
+        return UpdateOffer(update=metadata, chunk_size=self.chunk_size)
+
+    def metadata_file(self, name: str) -> bytes | None:
+        """A TUF metadata file a device asked for, or None when there is no such file (yet)."""
+        try:
+            return self.tuf.serve_metadata(name)
+        except NotFound:
+            return None
 
     async def _send_offer(self, update: Update) -> None:
         if self.publish is None:
@@ -477,7 +516,7 @@ class FleetService:
                 return None
             model = s.get(ModelVersion, update.model_version_id)
             assert model is not None
-            delta = update.offer.get("update", {}).get("metadata", {}).get("delta")
+            delta = update.offer.get("update", {}).get("delta")
         if request.payload == "delta":
             if not delta:
                 return None

@@ -4,11 +4,9 @@ import secrets
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from models.fsutil import write_private
-from models.signing import generate_private_key, load_private_key
 
 
 class FleetDataDir:
@@ -18,7 +16,6 @@ class FleetDataDir:
         self.artifacts = root / "artifacts"
         self.broker = root / "broker"
         self.secrets = root / "secrets"
-        self.signing_key_path = self.secrets / "update-signing.pem"
         self.telemetry_key_path = self.secrets / "telemetry-x25519.pem"
         self.password_file = self.broker / "passwd"
         self.acl_file = self.broker / "acl"
@@ -27,11 +24,6 @@ class FleetDataDir:
         for folder in (self.root, self.artifacts, self.broker):
             folder.mkdir(parents=True, exist_ok=True)
         self.secrets.mkdir(parents=True, exist_ok=True, mode=0o700)
-
-    def signing_key(self) -> Ed25519PrivateKey:
-        if not self.signing_key_path.exists():
-            return generate_private_key(self.signing_key_path)
-        return load_private_key(self.signing_key_path)
 
     def telemetry_key(self) -> X25519PrivateKey:
         """The key devices seal telemetry to (HPKE); made on first start, kept 0600."""

@@ -46,6 +46,7 @@ from tuf.api.metadata import (  # type: ignore[attr-defined,unused-ignore]
 from fleet.errors import FleetError, InvalidRequest, NotFound
 from fleet.store import FleetDataDir
 from models.fsutil import fsync_dir, write_private
+from protocol.targets import archive_target_name, delta_target_name
 
 # The `type: ignore`s above: python-tuf and securesystemslib re-export these names without __all__,
 # which mypy's no_implicit_reexport (on through the project's strict settings) does not follow.
@@ -115,14 +116,6 @@ class KeyPolicy:
                     f"{role}: threshold {self.threshold(role)} needs 1..{self.count(role)} keys; "
                     "raise the key count or lower the threshold"
                 )
-
-
-def archive_target_name(model: str, version: int) -> str:
-    return f"{model}/{version}.tar"
-
-
-def delta_target_name(model: str, from_version: int, to_version: int) -> str:
-    return f"{model}/deltas/{from_version}-{to_version}.efd"
 
 
 def _now() -> datetime:
@@ -232,11 +225,13 @@ class TufRepository:
         custom: Mapping[str, Any],
         *,
         deltas: Mapping[int, Path] | None = None,
+        delta_custom: Mapping[int, Mapping[str, Any]] | None = None,
     ) -> TargetFile:
         """Publish a model package archive (and its deltas from older versions) in one new targets.
 
         `custom` must name the `model`, its `version` and `format`; a delta from version F is
-        listed as `<model>/deltas/F-<version>.efd` with its own length and sha256.
+        listed as `<model>/deltas/F-<version>.pdelta` with its own length and sha256, and with
+        `delta_custom[F]` (e.g. the manifest hashes a device checks) added to its custom fields.
         """
         self._check_target_name(name)
         checked = self._check_custom(custom)
@@ -246,15 +241,16 @@ class TufRepository:
                 raise InvalidRequest(
                     f"a delta must start from a version older than {checked['version']}, got {from_version!r}"
                 )
-            delta_custom = {
+            fields = {
                 **checked,
-                "format": "efd",
+                "format": "package-delta",
                 "base_version": from_version,
                 "base_format": checked["format"],
                 "full": name,
+                **(delta_custom or {}).get(from_version, {}),
             }
             delta_name = delta_target_name(checked["model"], from_version, checked["version"])
-            files.append(self._target_file(delta_path, delta_name, delta_custom))
+            files.append(self._target_file(delta_path, delta_name, fields))
         with self._locked():
             root = self._load(Root).signed
             targets_md = self._load(Targets)
@@ -411,6 +407,10 @@ class TufRepository:
     def trusted_root(self) -> bytes:
         """The root a device is provisioned with at enrollment (the latest one)."""
         return self.metadata_bytes(Root.type)
+
+    def target(self, name: str) -> TargetFile | None:
+        """The listed target `name` as devices see it now, or None."""
+        return self._load(Targets).signed.targets.get(name)
 
     def version(self, role: str) -> int:
         return int(self._load_role(role).signed.version)

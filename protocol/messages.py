@@ -203,9 +203,9 @@ class DeltaPayload(Message):
     """The same update, smaller: the new package as per-file deltas against the version named here.
 
     A device whose active package's manifest.json hashes to `base_manifest_sha256` may fetch this
-    instead of the whole package;
-    the rebuilt package's manifest.json must hash to `manifest_sha256` (and the manifest names
-    every file's sha256), so the result is as well pinned as the whole package.
+    instead of the whole package; the rebuilt package's manifest.json must hash to
+    `manifest_sha256` (and the manifest names every file's sha256), so the result is as well
+    pinned as the whole package. The fleet's TUF targets carry the same three hashes.
     """
 
     base_version: int = Field(ge=1)
@@ -216,7 +216,13 @@ class DeltaPayload(Message):
 
 
 class UpdateMetadata(Message):
-    """What the fleet signs: the exact bytes a device may install, and for which model version."""
+    """An update as the fleet offers it: which model version, and the bytes of its payloads.
+
+    The offer is not trusted by itself: before acting on it the device refreshes the fleet's TUF
+    metadata and requires every field here to match the signed targets `<model>/<version>.tar`
+    (and `<model>/deltas/<from>-<to>.efd` for the delta). Freshness, expiry and rollback
+    protection come from TUF's timestamp, snapshot and targets roles.
+    """
 
     update_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     model_name: ModelName
@@ -225,21 +231,20 @@ class UpdateMetadata(Message):
     sha256: Sha256Hex
     size: int = Field(gt=0)
     created: float
-    expires: float
     delta: DeltaPayload | None = None
-
-
-class SignedUpdate(Message):
-    metadata: UpdateMetadata
-    key_id: str = Field(min_length=1, max_length=64)
-    signature: str = Field(min_length=1, max_length=256)  # base64 Ed25519 over canonical JSON of `metadata`
 
 
 class UpdateOffer(Message):
     """Published by the fleet on `<id>/cmd/update`."""
 
-    update: SignedUpdate
+    update: UpdateMetadata
     chunk_size: int = Field(default=256 * 1024, ge=1024, le=4 * 1024 * 1024)
+
+
+class MetadataRequest(Message):
+    """Published by the device on `<id>/update/meta-req`: one TUF metadata file, by name."""
+
+    name: str = Field(pattern=r"^([0-9]{1,10}\.)?(root|timestamp|snapshot|targets)\.json$")
 
 
 class ChunkRequest(Message):

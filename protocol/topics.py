@@ -16,8 +16,10 @@ HEALTH = "health"  # readable live summary, QoS 0, for dashboards on the broker 
 TELEMETRY = "telemetry"  # sealed records from the device's durable outbox, QoS 1
 UPDATE_STATUS = "update/status"
 CHUNK_REQUEST = "update/chunk-req"
+METADATA_REQUEST = "update/meta-req"  # a TUF metadata file, by name
 CMD_UPDATE = "cmd/update"
 CMD_CHUNK = "cmd/chunk"
+CMD_METADATA = "cmd/meta"  # the file asked for, as a chunk frame named after it (total 0: no such file)
 CMD_TELEMETRY_ACK = "cmd/telemetry-ack"  # the fleet's end-to-end receipt for sealed records
 
 

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.procs import free_port
 from fleet import broker_auth
@@ -32,11 +31,6 @@ def archives(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
 def package_copy(tmp_path: Path) -> Path:
     """A writable copy of the v1 package folder."""
     return Path(shutil.copytree(ZOO / "v1", tmp_path / "pkg"))
-
-
-@pytest.fixture(scope="session")
-def signing_key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
 
 
 @dataclass

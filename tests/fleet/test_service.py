@@ -8,12 +8,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from device.tuf_client import TufClient, bootstrap
 from fleet.db import open_database
 from fleet.errors import Conflict, InvalidRequest, NotFound
 from fleet.service import FleetService
 from fleet.store import FleetDataDir
 from models.package_delta import apply_package_delta
-from models.signing import key_id, load_public_key, public_key_pem, verify
+from models.signing import public_key_pem
 from protocol import topics
 from protocol.frames import decode_chunk
 from protocol.messages import (
@@ -29,6 +30,7 @@ from protocol.messages import (
     encode,
 )
 from protocol.sealed import seal
+from protocol.targets import archive_target_name, delta_target_name
 from tests.conftest import ZOO
 
 
@@ -47,10 +49,10 @@ def service(tmp_path: Path) -> FleetService:
     return service
 
 
-def test_enrollment_gives_credentials_and_the_signing_key(service: FleetService) -> None:
+def test_enrollment_gives_credentials_and_the_tuf_root(service: FleetService, tmp_path: Path) -> None:
     enrollment = service.add_device("cam-1")
     assert enrollment["mqtt_password"] and enrollment["fleet_url"] == "mqtt://127.0.0.1:1883"
-    load_public_key(enrollment["fleet_public_keys"][0])
+    bootstrap(tmp_path, enrollment["tuf_root"].encode())  # a valid, self-signed TUF root
     passwd = service.data.password_file.read_text()
     assert passwd.startswith("cam-1:$7$") and enrollment["mqtt_password"] not in passwd
     with pytest.raises(Conflict):
@@ -73,8 +75,19 @@ def test_registry_verifies_and_keeps_versions_immutable(
         service.register_model(corrupt)
 
 
+def device_tuf_client(service: FleetService, folder: Path) -> TufClient:
+    def fetch(url: str, max_length: int, deadline_s: float) -> bytes:
+        data = service.metadata_file(url.rsplit("/", 1)[-1])
+        if data is None:
+            raise FileNotFoundError(url)
+        return data
+
+    bootstrap(folder, service.tuf.trusted_root())
+    return TufClient(folder, fetch)
+
+
 def test_offer_is_signed_and_chunks_are_served_to_that_device_only(
-    service: FleetService, archives: dict[int, Path]
+    service: FleetService, archives: dict[int, Path], tmp_path: Path
 ) -> None:
     service.add_device("cam-1")
     service.add_device("cam-2")
@@ -85,14 +98,11 @@ def test_offer_is_signed_and_chunks_are_served_to_that_device_only(
     topic, payload = service.sent[-1]  # type: ignore[attr-defined]
     assert topic == topics.device_topic("cam-1", topics.CMD_UPDATE)
     offer = decode(UpdateOffer, payload)
-    public = load_public_key(service.add_device("cam-3")["fleet_public_keys"][0])
-    verify(
-        offer.update.metadata.model_dump(mode="json"),
-        offer.update.key_id,
-        offer.update.signature,
-        {key_id(public): public},
-    )
-    assert offer.update.metadata.sha256 == hashlib.sha256(archives[2].read_bytes()).hexdigest()
+    assert offer.update.sha256 == hashlib.sha256(archives[2].read_bytes()).hexdigest()
+    client = device_tuf_client(service, tmp_path)
+    signed = client.target_info(archive_target_name("surface-defect", 2))
+    assert signed is not None, "every registered version is a signed TUF target"
+    assert (signed.length, signed.hashes["sha256"]) == (offer.update.size, offer.update.sha256)
 
     request = ChunkRequest(update_id=update["update_id"], offset=4096, length=4096)
     chunk = decode_chunk(service.chunk_for("cam-1", request) or b"")
@@ -126,10 +136,15 @@ def test_a_device_that_runs_an_older_registered_version_is_offered_a_delta(
             _reports_running(service, device_id, runs)
     updates = asyncio.run(service.start_update("surface-defect", 2, ["cam-1", "cam-2"]))
     offers = {topic.split("/")[2]: decode(UpdateOffer, payload) for topic, payload in service.sent}  # type: ignore[attr-defined]
-    assert offers["cam-2"].update.metadata.delta is None, "a device that reported no version gets the package"
-    delta = offers["cam-1"].update.metadata.delta
+    assert offers["cam-2"].update.delta is None, "a device that reported no version gets the package"
+    delta = offers["cam-1"].update.delta
     assert delta is not None and delta.base_version == 1
     assert delta.size < 0.9 * archives[2].stat().st_size
+    signed = device_tuf_client(service, tmp_path / "device").target_info(
+        delta_target_name("surface-defect", 1, 2)
+    )
+    assert signed is not None and signed.hashes["sha256"] == delta.sha256
+    assert signed.custom["base_manifest_sha256"] == delta.base_manifest_sha256
 
     update_id = next(u["update_id"] for u in updates if u["device_id"] == "cam-1")
     served = bytearray()

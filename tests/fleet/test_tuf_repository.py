@@ -160,11 +160,11 @@ def test_deltas_are_their_own_targets(repo: TufRepository, archives: dict[int, P
     repo.add_target(archives[2], archive_target_name("surface_defect", 2), CUSTOM, deltas={1: delta})
     targets = load(repo, "targets").signed
     listed = targets.targets[delta_target_name("surface_defect", 1, 2)]
-    assert listed.path == "surface_defect/deltas/1-2.efd"
+    assert listed.path == "surface_defect/deltas/1-2.pdelta"
     assert listed.length == delta.stat().st_size
     assert listed.hashes["sha256"] == hashlib.sha256(delta.read_bytes()).hexdigest()
     assert listed.custom["base_version"] == 1 and listed.custom["version"] == 2
-    assert listed.custom["format"] == "efd" and listed.custom["full"] == "surface_defect/2.tar"
+    assert listed.custom["format"] == "package-delta" and listed.custom["full"] == "surface_defect/2.tar"
     assert repo.version("targets") == 2  # archive and delta in one publication
 
 

@@ -10,6 +10,7 @@ from device.engine.engine import Engine
 from device.engine.probe import probe
 from device.link import DeviceLink
 from device.slots import ModelSlots, install_initial
+from device.tuf_client import TufClient, bootstrap, fetch_over_loop
 from device.updater import Updater
 from edgefleet.procs import free_port
 from fleet.broker import ManagedBroker
@@ -17,7 +18,7 @@ from fleet.db import open_database
 from fleet.mqtt_worker import FleetWorker
 from fleet.service import FleetService
 from fleet.store import FleetDataDir
-from models.signing import key_id, load_public_key, public_key_pem
+from models.signing import public_key_pem
 from protocol.messages import ChunkRequest, UpdateOffer
 from tests.integration.test_telemetry_link import until
 
@@ -67,7 +68,7 @@ async def _broker_restart_mid_transfer(tmp_path: Path, archives: dict[int, Path]
     install_initial(device_root / "models", archives[1])
     slots = ModelSlots(device_root / "models" / "surface-defect")
     engine.serve(engine.prepare(slots.active_dir(), slots.active_manifest()))
-    fleet_key = load_public_key(enrollment["fleet_public_keys"][0])
+    bootstrap(device_root, enrollment["tuf_root"].encode())
     updater_box: list[Updater] = []
 
     async def on_offer(offer: UpdateOffer) -> None:
@@ -81,7 +82,8 @@ async def _broker_restart_mid_transfer(tmp_path: Path, archives: dict[int, Path]
         "test",
         public_key=public_key_pem(Ed25519PrivateKey.generate()),
     )
-    updater = Updater("cam-1", device_root, engine, link, {key_id(fleet_key): fleet_key}, probation_s=0)
+    tuf = TufClient(device_root, fetch_over_loop(asyncio.get_running_loop(), link.fetch_metadata))
+    updater = Updater("cam-1", device_root, engine, link, tuf, probation_s=0)
     updater_box.append(updater)
     worker = FleetWorker(service, "127.0.0.1", port)
     service.publish = worker.publish
