@@ -149,30 +149,40 @@ def device_probe(
     ] = None,
 ) -> None:
     """Print this machine's hardware profile; with --explain, the backend a model gets here and why."""
-    from device.engine.probe import probe
+    from device.engine.probe import format_profile, probe
+    from device.engine.registry import backend_order
 
-    profile = probe().to_dict()
-    if explain is not None:
-        from device.errors import DeviceError
-        from device.standalone import load_for_serving
-        from models.errors import ModelError
+    hw = probe()
+    order = backend_order(hw)
+    if explain is None:
+        if as_json:
+            _print_json({**hw.to_dict(), "backend_order": order})
+        else:
+            typer.echo(format_profile(hw, order), nl=False)
+        return
+    from device.errors import DeviceError
+    from device.standalone import load_for_serving
+    from models.errors import ModelError
 
-        try:
-            _, serving = load_for_serving(explain, None)
-        except (DeviceError, ModelError) as e:
-            _fail(str(e))
-        profile = {
-            "model": serving.manifest.name,
-            "chosen": serving.backend,
-            "passed_over": serving.passed_over,
-            "golden_p95_ms": serving.golden_p95_ms,
-            "profile": profile,
-        }
+    try:
+        _, serving = load_for_serving(explain, None)
+    except (DeviceError, ModelError) as e:
+        _fail(str(e))
+    choice = {
+        "model": serving.manifest.name,
+        "chosen": serving.backend,
+        "passed_over": serving.passed_over,
+        "golden_p95_ms": serving.golden_p95_ms,
+    }
     if as_json:
-        _print_json(profile)
-    else:
-        for key, value in profile.items():
-            typer.echo(f"{key:24} {value}")
+        _print_json({**choice, "profile": {**hw.to_dict(), "backend_order": order}})
+        return
+    typer.echo(f"{serving.manifest.name}: runs on {serving.backend}")
+    for backend, reason in serving.passed_over.items():
+        typer.echo(f"  passed over {backend}: {reason}")
+    if serving.golden_p95_ms is not None:
+        typer.echo(f"  golden vectors pass, p95 {serving.golden_p95_ms:.2f} ms")
+    typer.echo(format_profile(hw, order), nl=False)
 
 
 # -- fleet ----------------------------------------------------------------------------------------
