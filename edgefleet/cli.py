@@ -11,6 +11,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from edgefleet.rollout_cli import register as register_rollout_commands
 from models.delta.cli import app as delta_app
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app.add_typer(device_app, name="device")
 app.add_typer(fleet_app, name="fleet")
 app.add_typer(models_app, name="models")
 app.add_typer(delta_app, name="delta", help="Tensor-aware model deltas: encode, apply, info.")
+register_rollout_commands(fleet_app)
 
 DataDirOpt = Annotated[Path, typer.Option("--data-dir", help="the data dir")]
 

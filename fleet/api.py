@@ -13,8 +13,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
+from fleet.campaigns import Action, CampaignDriver
 from fleet.errors import Conflict, InvalidRequest, NotFound
 from fleet.metrics import render
+from fleet.rollouts import Phase, Target
 from fleet.service import FleetService
 
 MAX_UPLOAD_BYTES = 1024 * 1024 * 1024
@@ -28,6 +30,41 @@ class NewDevice(BaseModel):
     device_id: str = Field(description="lowercase id: a-z, 0-9, '-', '_'")
 
 
+class NewRollout(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model_name: str
+    version: int = Field(ge=1)
+    target: Target
+    phases: list[Phase] | None = Field(default=None, description="default: canary 1, then 10%, then all")
+    seed: str | None = Field(default=None, description="orders the devices (canary choice); default: the id")
+
+
+class RolloutAction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(default="", max_length=1024)
+
+
+class Labels(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    groups: list[str] = Field(default=[], max_length=64)
+    tags: list[str] = Field(default=[], max_length=64)
+
+
+class NewWindow(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    group: str
+    cron: str = Field(description="5 fields, when each window opens, e.g. '0 2 * * *'")
+    duration_minutes: int = Field(ge=1, le=7 * 24 * 60)
+    tz: str = Field(default="UTC", description="IANA time zone, e.g. Europe/Berlin")
+
+
+class DeviceRollback(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model_name: str
+    to_version: int = Field(ge=1)
+    reason: str = Field(default="", max_length=1024)
+
+
 class NewUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model_name: str
@@ -35,8 +72,9 @@ class NewUpdate(BaseModel):
     device_ids: list[str] = Field(min_length=1, max_length=100_000)
 
 
-def create_app(service: FleetService, token: str) -> FastAPI:
+def create_app(service: FleetService, token: str, campaigns: CampaignDriver | None = None) -> FastAPI:
     app = FastAPI(title="edgefleet fleet", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    driver = campaigns or CampaignDriver(service)
 
     def require_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
         if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
@@ -116,5 +154,45 @@ def create_app(service: FleetService, token: str) -> FastAPI:
     @app.get("/api/updates/{update_id}", dependencies=[Auth])
     def get_update(update_id: str) -> dict[str, Any]:
         return service.get_update(update_id)
+
+    @app.post("/api/devices/{device_id}/rollback", dependencies=[Auth], status_code=201)
+    async def roll_back_device(device_id: str, body: DeviceRollback) -> dict[str, Any]:
+        """Ask one device to serve `to_version` again from its other slot."""
+        (view,) = await service.request_rollback(body.model_name, body.to_version, [device_id], body.reason)
+        return view
+
+    @app.put("/api/devices/{device_id}/labels", dependencies=[Auth])
+    def put_labels(device_id: str, body: Labels) -> dict[str, list[str]]:
+        return driver.set_labels(device_id, body.groups, body.tags)
+
+    @app.post("/api/rollouts", dependencies=[Auth], status_code=201)
+    async def start_rollout(body: NewRollout) -> dict[str, Any]:
+        return await driver.start(body.model_name, body.version, body.target, body.phases, body.seed)
+
+    @app.get("/api/rollouts", dependencies=[Auth])
+    def list_rollouts() -> list[dict[str, Any]]:
+        return driver.all()
+
+    @app.get("/api/rollouts/{campaign_id}", dependencies=[Auth])
+    def get_rollout(campaign_id: str) -> dict[str, Any]:
+        return driver.status(campaign_id)
+
+    @app.post("/api/rollouts/{campaign_id}/{action}", dependencies=[Auth])
+    async def act_on_rollout(
+        campaign_id: str, action: Action, body: RolloutAction | None = None
+    ) -> dict[str, Any]:
+        return await driver.act(campaign_id, action, body.reason if body else "")
+
+    @app.get("/api/maintenance-windows", dependencies=[Auth])
+    def list_windows() -> list[dict[str, object]]:
+        return driver.windows()
+
+    @app.post("/api/maintenance-windows", dependencies=[Auth], status_code=201)
+    def add_window(body: NewWindow) -> list[dict[str, object]]:
+        return driver.add_window(body.group, body.cron, body.duration_minutes, body.tz)
+
+    @app.delete("/api/maintenance-windows/{window_id}", dependencies=[Auth], status_code=204)
+    def remove_window(window_id: int) -> None:
+        driver.remove_window(window_id)
 
     return app

@@ -70,3 +70,52 @@ class FleetClient:
 
     def updates(self, device_id: str | None = None) -> list[dict[str, Any]]:
         return list(self._call("GET", "/api/updates", params={"device_id": device_id} if device_id else None))
+
+    def roll_back(self, device_id: str, model_name: str, to_version: int, reason: str = "") -> dict[str, Any]:
+        body = {"model_name": model_name, "to_version": to_version, "reason": reason}
+        return dict(self._call("POST", f"/api/devices/{device_id}/rollback", json=body))
+
+    def set_labels(self, device_id: str, groups: list[str], tags: list[str]) -> dict[str, Any]:
+        body = {"groups": groups, "tags": tags}
+        return dict(self._call("PUT", f"/api/devices/{device_id}/labels", json=body))
+
+    def start_rollout(
+        self,
+        model_name: str,
+        version: int,
+        target: dict[str, list[str]],
+        phases: list[dict[str, Any]] | None = None,
+        seed: str | None = None,
+    ) -> dict[str, Any]:
+        body = {
+            "model_name": model_name,
+            "version": version,
+            "target": target,
+            "phases": phases,
+            "seed": seed,
+        }
+        return dict(self._call("POST", "/api/rollouts", json=body))
+
+    def rollouts(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/api/rollouts"))
+
+    def rollout(self, campaign_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/api/rollouts/{campaign_id}"))
+
+    def rollout_action(self, campaign_id: str, action: str, reason: str = "") -> dict[str, Any]:
+        return dict(self._call("POST", f"/api/rollouts/{campaign_id}/{action}", json={"reason": reason}))
+
+    def windows(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/api/maintenance-windows"))
+
+    def add_window(self, group: str, cron: str, duration_minutes: int, tz: str) -> list[dict[str, Any]]:
+        body = {"group": group, "cron": cron, "duration_minutes": duration_minutes, "tz": tz}
+        return list(self._call("POST", "/api/maintenance-windows", json=body))
+
+    def remove_window(self, window_id: int) -> None:
+        try:
+            response = self._http.request("DELETE", f"/api/maintenance-windows/{window_id}")
+        except httpx.HTTPError as e:
+            raise FleetApiError(f"fleet at {self._http.base_url} did not answer: {e}") from e
+        if response.status_code >= 400:
+            raise FleetApiError(f"DELETE window {window_id} -> {response.status_code}: {response.text}")

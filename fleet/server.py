@@ -13,6 +13,7 @@ import uvicorn
 
 from fleet.api import create_app
 from fleet.broker import ManagedBroker
+from fleet.campaigns import CampaignDriver
 from fleet.db import open_database
 from fleet.mqtt_worker import FleetWorker
 from fleet.retention import RetentionPolicy, prune
@@ -63,7 +64,8 @@ async def serve(options: ServeOptions, stop: asyncio.Event) -> None:
     parsed = urlparse(broker_url)
     worker = FleetWorker(service, parsed.hostname or "127.0.0.1", parsed.port or 1883)
     service.publish = worker.publish
-    app = create_app(service, data.secret("operator-token"))
+    campaigns = CampaignDriver(service)
+    app = create_app(service, data.secret("operator-token"), campaigns)
     server = _Server(
         uvicorn.Config(
             app, host=options.http_host, port=options.http_port, log_level="warning", access_log=False
@@ -72,6 +74,7 @@ async def serve(options: ServeOptions, stop: asyncio.Event) -> None:
     tasks = [asyncio.create_task(worker.run(), name="mqtt"), asyncio.create_task(server.serve(), name="http")]
     tasks.append(asyncio.create_task(_prune_forever(service, options), name="retention"))
     tasks.append(asyncio.create_task(_resign_forever(service), name="tuf"))
+    tasks.append(asyncio.create_task(campaigns.run(), name="campaigns"))
     if broker is not None:
         tasks.append(asyncio.create_task(_supervise_broker(broker, options.broker_check_s), name="broker"))
     try:

@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from fleet import broker_auth
+from fleet import broker_auth, maintenance, rollouts
 from fleet.db import Device, ModelVersion, TelemetryRecordRow, Update, UpdateEvent
 from fleet.deltas import DeltaArtifact, delta_path, package_delta
 from fleet.errors import Conflict, InvalidRequest, NotFound
@@ -39,6 +39,7 @@ from protocol.messages import (
     DeltaPayload,
     DeviceState,
     Health,
+    RollbackCommand,
     TelemetryRecord,
     UpdateMetadata,
     UpdateOffer,
@@ -52,7 +53,10 @@ from protocol.targets import archive_target_name, delta_target_name
 
 log = logging.getLogger(__name__)
 Publish = Callable[[str, bytes, int], Awaitable[None]]
-FINAL_STATES = {state.value for state in UpdateState if state.is_final}
+# "cancelled" is the fleet's own: an offer withdrawn (its campaign stopped) before the device acted on it.
+CANCELLED = "cancelled"
+SWITCH_WINDOWS_AHEAD = 14  # windows per group an offer carries: two weeks of daily windows
+FINAL_STATES = {state.value for state in UpdateState if state.is_final} | {CANCELLED}
 
 
 def _is_ed25519_pem(pem: str) -> bool:
@@ -86,6 +90,7 @@ class FleetService:
         self.publish: Publish | None = None
         self.on_credentials_changed: Callable[[], None] = lambda: None
         self.rejected_messages = 0
+        self.clock: Callable[[], float] = time.time  # the fleet's clock for campaigns (tests set it)
 
     # -- broker credentials -------------------------------------------------------------------
     def write_broker_auth(self) -> None:
@@ -328,11 +333,60 @@ class FleetService:
         except NotFound:
             return None
 
+    async def request_rollback(
+        self, model_name: str, version: int, device_ids: list[str], reason: str = ""
+    ) -> list[dict[str, Any]]:
+        """Ask each device to serve `version` again from its other slot (no download, no downgrade offer).
+
+        Tracked like an update: the device reports `rolled_back` (done) or `failed` with the reason.
+        """
+        if not device_ids:
+            raise InvalidRequest("name at least one device")
+        created = []
+        with self.sessions.begin() as s:
+            model = s.scalars(
+                select(ModelVersion).where(ModelVersion.name == model_name, ModelVersion.version == version)
+            ).first()
+            if model is None:
+                raise NotFound(f"model {model_name} v{version} is not registered")
+            for device_id in device_ids:
+                if s.get(Device, device_id) is None:
+                    raise NotFound(f"no device {device_id!r}")
+                request_id = uuid.uuid4().hex[:16]
+                command = RollbackCommand(
+                    request_id=request_id, model_name=model_name, to_version=version, reason=reason
+                )
+                update = Update(
+                    id=request_id,
+                    device_id=device_id,
+                    model_version_id=model.id,
+                    offer={"rollback": command.model_dump(mode="json")},
+                )
+                s.add(update)
+                created.append(update)
+        for update in created:
+            await self._send_offer(update)
+        with self.sessions() as s:
+            return [self._update_view(s, s.get(Update, u.id)) for u in created]  # type: ignore[arg-type]
+
     async def _send_offer(self, update: Update) -> None:
         if self.publish is None:
             return
+        if "rollback" in update.offer:
+            command = RollbackCommand.model_validate(update.offer["rollback"])
+            await self.publish(topics.device_topic(update.device_id, topics.CMD_ROLLBACK), encode(command), 1)
+            return
+        offer = UpdateOffer.model_validate(update.offer)
+        # Windows are computed at each send: an offer re-sent after days offline carries current ones.
+        offer = offer.model_copy(update={"switch_windows": self.switch_windows(update.device_id)})
         topic = topics.device_topic(update.device_id, topics.CMD_UPDATE)
-        await self.publish(topic, encode(UpdateOffer.model_validate(update.offer)), 1)
+        await self.publish(topic, encode(offer), 1)
+
+    def switch_windows(self, device_id: str) -> list[tuple[float, float]]:
+        """When the device may switch models: its groups' next maintenance windows; [] = any time."""
+        with self.sessions() as s:
+            spans = maintenance.upcoming_windows(s, device_id, self.clock(), count=SWITCH_WINDOWS_AHEAD)
+        return spans or []
 
     def get_update(self, update_id: str) -> dict[str, Any]:
         with self.sessions() as s:
@@ -354,6 +408,7 @@ class FleetService:
         view: dict[str, Any] = {
             "update_id": u.id,
             "device_id": u.device_id,
+            "kind": "rollback" if "rollback" in u.offer else "update",
             "model_name": model.name if model else None,
             "version": model.version if model else None,
             "state": u.state,
@@ -428,6 +483,21 @@ class FleetService:
             update.state = status.state.value
             update.reason = status.reason[:2048]
             update.updated = time.time()
+            s.flush()
+            # In the same transaction: a campaign's abort rule sees every report exactly once.
+            rollouts.record_update_report(
+                s, status.update_id, device_id, status.state.value, status.detail, now=self.clock()
+            )
+
+    def cancel_pending(self, update_ids: list[str], reason: str) -> int:
+        """Withdraw offers no device has acted on yet, so a reconnecting device is not sent them."""
+        with self.sessions.begin() as s:
+            rows = s.scalars(select(Update).where(Update.id.in_(update_ids), Update.state == "pending"))
+            cancelled = 0
+            for update in rows:
+                update.state, update.reason, update.updated = CANCELLED, reason[:2048], time.time()
+                cancelled += 1
+            return cancelled
 
     # -- sealed telemetry ---------------------------------------------------------------------
     def _device_key(self, device_id: str) -> Ed25519PublicKey | None:
@@ -512,7 +582,7 @@ class FleetService:
         """The frame answering a chunk request, read from the artifact; None for a request not allowed."""
         with self.sessions() as s:
             update = s.get(Update, request.update_id)
-            if update is None or update.device_id != device_id:
+            if update is None or update.device_id != device_id or "rollback" in update.offer:
                 return None
             model = s.get(ModelVersion, update.model_version_id)
             assert model is not None

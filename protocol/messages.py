@@ -5,11 +5,12 @@ instead of being half-understood. `decode` is the one entry point for untrusted 
 """
 
 import json
+import math
 import time
 from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from protocol.errors import ProtocolError
 
@@ -234,11 +235,46 @@ class UpdateMetadata(Message):
     delta: DeltaPayload | None = None
 
 
+MAX_SWITCH_WINDOWS = 256
+SwitchWindow = tuple[float, float]
+
+
 class UpdateOffer(Message):
-    """Published by the fleet on `<id>/cmd/update`."""
+    """Published by the fleet on `<id>/cmd/update`.
+
+    `switch_windows` are `[start, end)` pairs in UTC epoch seconds, computed by the fleet from the
+    device's maintenance windows: outside all of them the device downloads, verifies, applies and
+    proves the model, then waits before the switch. Empty (or absent) means any time. They are not
+    part of the signed targets: a forged window can only delay or hasten a switch the signed
+    metadata already allows.
+    """
 
     update: UpdateMetadata
     chunk_size: int = Field(default=256 * 1024, ge=1024, le=4 * 1024 * 1024)
+    switch_windows: list[SwitchWindow] = Field(default=[], max_length=MAX_SWITCH_WINDOWS)
+
+    @field_validator("switch_windows")
+    @classmethod
+    def _windows_are_intervals(cls, windows: list[SwitchWindow]) -> list[SwitchWindow]:
+        for start, end in windows:
+            if not (math.isfinite(start) and math.isfinite(end)) or end <= start:
+                raise ValueError(f"switch window [{start}, {end}] must be finite with end > start")
+        return sorted(windows)
+
+
+class RollbackCommand(Message):
+    """Published by the fleet on `<id>/cmd/rollback`: serve again the version the other slot holds.
+
+    A rollback installs nothing new: the inactive slot still holds the package that was active
+    before the last update, verified again before the switch. The device answers with an
+    `UpdateStatus` under `request_id`: `rolled_back`, or `failed` with the reason (e.g. the other
+    slot holds another version).
+    """
+
+    request_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    model_name: ModelName
+    to_version: int = Field(ge=1)
+    reason: str = Field(default="", max_length=1024)
 
 
 class MetadataRequest(Message):

@@ -19,6 +19,7 @@ CHUNK_REQUEST = "update/chunk-req"
 METADATA_REQUEST = "update/meta-req"  # a TUF metadata file, by name
 CMD_UPDATE = "cmd/update"
 CMD_CHUNK = "cmd/chunk"
+CMD_ROLLBACK = "cmd/rollback"  # go back to the version the other slot holds
 CMD_METADATA = "cmd/meta"  # the file asked for, as a chunk frame named after it (total 0: no such file)
 CMD_TELEMETRY_ACK = "cmd/telemetry-ack"  # the fleet's end-to-end receipt for sealed records
 

@@ -1,5 +1,6 @@
 """A real Mosquitto, a real fleet server and a real device agent as processes; a real update."""
 
+import re
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 
 from edgefleet.demo import DeviceProcess, FleetProcess, drop_images
 from edgefleet.procs import wait_for
+from edgefleet.rollout_cli import render
 from fleet.client import FleetClient
 
 pytestmark = pytest.mark.e2e
@@ -81,6 +83,27 @@ def test_update_is_pushed_applied_and_reported(fleet: FleetProcess, device: Devi
     )
 
 
+def test_a_rollout_campaign_reaches_the_device_and_completes(
+    fleet: FleetProcess, device: DeviceProcess
+) -> None:
+    client = fleet.client
+    assert client is not None
+    wait_for("the device to report what it runs", lambda: client.device("cam-1")["health"], 30)
+    client.set_labels("cam-1", ["line-1"], ["camera"])
+    view = client.start_rollout("surface-defect", 2, {"groups": ["line-1"]})
+    assert view["phases"][0]["name"] == "canary" and view["phases"][0]["offered"] == 1
+    final = wait_for(
+        "the rollout to complete",
+        lambda: (v := client.rollout(view["campaign_id"]))["state"] in ("completed", "aborted") and v,
+        90,
+    )
+    assert final["state"] == "completed" and final["progress"] == 1.0, final
+    (row,) = final["devices"]
+    assert row["outcome"] == "committed"
+    assert [e["state"] for e in row["timeline"]][-1] == "committed"
+    assert render(final).splitlines()[1].endswith("100%")
+
+
 def test_an_update_the_device_refuses_leaves_it_serving(fleet: FleetProcess, device: DeviceProcess) -> None:
     client = fleet.client
     assert client is not None
@@ -129,7 +152,7 @@ def test_the_fleet_api_needs_the_operator_token(fleet: FleetProcess) -> None:
     token = (fleet.root / "secrets" / "operator-token").read_text().strip()
     spec = httpx.get(f"{fleet.url}/openapi.json", headers={"Authorization": f"Bearer {token}"}).json()
     for path, methods in spec["paths"].items():
-        concrete = path.replace("{device_id}", "nobody").replace("{update_id}", "nothing")
+        concrete = re.sub(r"\{[a-z_]+\}", "1", path)
         for method in methods:
             response = httpx.request(method.upper(), f"{fleet.url}{concrete}")
             assert response.status_code == (200 if path == "/healthz" else 401), (method, path)

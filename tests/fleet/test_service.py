@@ -2,6 +2,7 @@
 
 import asyncio
 import hashlib
+import time
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,23 @@ def test_a_changed_device_key_is_not_accepted(service: FleetService, pinned: Ed2
     )
     assert service.on_telemetry("cam-1", sealed(service, impostor, 1)).startswith("rejected")
     assert service.on_telemetry("cam-1", sealed(service, pinned, 1)) == "stored"
+
+
+def test_offers_carry_the_devices_maintenance_windows(
+    service: FleetService, archives: dict[int, Path]
+) -> None:
+    from fleet import maintenance
+    from fleet.rollout_db import set_labels
+
+    service.register_model(archives[2])
+    for device_id in ("cam-1", "cam-2"):
+        service.add_device(device_id)
+    with service.sessions.begin() as s:
+        set_labels(s, "cam-1", ["night-shift"], [])
+        maintenance.add_window(s, "night-shift", "0 2 * * *", 60, "Europe/Berlin")
+    asyncio.run(service.start_update("surface-defect", 2, ["cam-1", "cam-2"]))
+    offers = {topic.split("/")[2]: decode(UpdateOffer, payload) for topic, payload in service.sent}  # type: ignore[attr-defined]
+    assert offers["cam-2"].switch_windows == [], "no group window: any time"
+    windows = offers["cam-1"].switch_windows
+    assert len(windows) >= 14 and all(end - start == 3600 for start, end in windows)
+    assert windows[0][1] > time.time(), "the first window is the open or the next one"
