@@ -1,24 +1,161 @@
-"""The app factory: explicit dependencies in, one FastAPI app out. Auth on all but liveness."""
+"""The app factory: explicit dependencies in, one FastAPI app out. Auth on all but liveness.
+
+Errors are `{"error": message}` everywhere, the shape Triton's and KServe's clients read.
+
+Inference requests (`POST /v2/models/{name}[/versions/{v}]/infer`) are answered by `InferFastPath`
+before FastAPI's router and dependency solver see them: those cost about as much CPU per request as
+everything else the server does for a small model (bench/engine/RESULTS.md). The FastAPI route of
+the same path stays, with the same code behind it, for the OpenAPI description and for any
+composition without the fast path.
+"""
 
 import asyncio
 import hmac
-from collections.abc import Callable
+import json
+import re
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from device.api.limits import BodySizeLimit
+from device.api.limits import (
+    ASGIApp,
+    BodySizeLimit,
+    BodyTooLarge,
+    Receive,
+    Scope,
+    Send,
+    UnsupportedEncoding,
+    decompress_body,
+)
 from device.api.metrics import render
 from device.api.ratelimit import FailedLoginLimiter
-from device.api.v2 import InferRequest, decode_inputs, encode_outputs, model_metadata
-from device.engine.engine import Engine
+from device.api.v2 import (
+    HEADER_LENGTH,
+    RequestSchemaError,
+    encode_infer_response,
+    model_metadata,
+    parse_infer_request,
+)
+from device.engine.batcher import Unavailable
+from device.engine.engine import Engine, ServingModel
 from device.errors import EngineError, InferenceInputError
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
+RETRY_AFTER_OVERLOAD_S = 1
+INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+INFER_DOC = (
+    "Open Inference Protocol v2 inference. The body is a JSON request, optionally followed by binary "
+    "tensors (Triton's binary tensor data extension: header `Inference-Header-Content-Length`, "
+    "`parameters.binary_data_size` per input, `binary_data` per output or `binary_data_output`)."
+)
 bearer = HTTPBearer(auto_error=False, description="the device's API token (secrets/api-token)")
+
+# One infer call: model name, version or None, request headers, raw body -> body, JSON part's length.
+InferCall = Callable[[str, str | None, Mapping[str, str], bytes], Awaitable[tuple[bytes, int | None]]]
+Authorize = Callable[[str, str | None], None]
+
+
+def error_status(e: Exception) -> tuple[int, str, dict[str, str]] | None:
+    """The HTTP status, message and headers for an error we answer; None for a bug (a plain 500)."""
+    if isinstance(e, StarletteHTTPException):
+        return e.status_code, str(e.detail), dict(e.headers or {})
+    if isinstance(e, InferenceInputError):
+        return 422 if isinstance(e, RequestSchemaError) else 400, str(e), {}
+    if isinstance(e, Unavailable):  # a full queue, or a model being reconfigured or shut down
+        return 503, str(e), {"Retry-After": str(RETRY_AFTER_OVERLOAD_S)}
+    if isinstance(e, EngineError):
+        return 500, str(e), {}  # the model failed, not the caller; other models keep serving
+    if isinstance(e, BodyTooLarge):
+        return 413, f"request body exceeds {MAX_BODY_BYTES} bytes", {}
+    if isinstance(e, UnsupportedEncoding):
+        return 415, str(e), {}
+    return None
+
+
+def token_checker(token: str, limiter: FailedLoginLimiter) -> Authorize:
+    def authorize(client: str, credentials: str | None) -> None:
+        wait = limiter.blocked_for(client)
+        if wait > 0:
+            raise HTTPException(
+                429,
+                f"too many failed logins; retry in {wait:.0f} s",
+                headers={"Retry-After": str(int(wait) + 1)},
+            )
+        if credentials is None or not hmac.compare_digest(credentials.encode(), token.encode()):
+            if credentials is not None:  # a wrong token is a guess; a missing one is not counted
+                limiter.failed(client)
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    return authorize
+
+
+def bearer_credentials(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer ...` header, read exactly as FastAPI's HTTPBearer reads it."""
+    scheme, credentials = get_authorization_scheme_param(authorization)
+    if not (authorization and scheme and credentials) or scheme.lower() != "bearer":
+        return None
+    return credentials
+
+
+class InferFastPath:
+    """Answers v2 infer requests straight from ASGI; passes everything else to `app`."""
+
+    def __init__(self, app: ASGIApp, authorize: Authorize, infer: InferCall) -> None:
+        self.app = app
+        self.authorize = authorize
+        self.infer = infer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = INFER_PATH.fullmatch(scope["path"]) if scope["type"] == "http" else None
+        if match is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        client = scope.get("client")
+        try:
+            self.authorize(
+                client[0] if client else "unknown", bearer_credentials(headers.get("authorization"))
+            )
+            body = await _read_body(receive)
+            if body is None:
+                return  # the client went away before it finished sending; nobody to answer
+            content, json_length = await self.infer(match[1], match[2], headers, body)
+        except Exception as e:
+            mapped = error_status(e)
+            if mapped is None:
+                raise  # a bug: uvicorn logs it and answers 500
+            status, message, extra = mapped
+            await _respond(send, status, json.dumps({"error": message}).encode(), b"application/json", extra)
+            return
+        if json_length is None:
+            await _respond(send, 200, content, b"application/json", {})
+        else:
+            await _respond(send, 200, content, b"application/octet-stream", {HEADER_LENGTH: str(json_length)})
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _respond(send: Send, status: int, body: bytes, content_type: bytes, extra: dict[str, str]) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def create_app(
@@ -28,35 +165,32 @@ def create_app(
     metrics_extra: Callable[[], dict[str, Any]] = dict,
     limiter: FailedLoginLimiter | None = None,
 ) -> Any:
-    limiter = limiter or FailedLoginLimiter()
+    authorize = token_checker(token, limiter or FailedLoginLimiter())
     app = FastAPI(title="edgefleet device", version="1", docs_url=None, redoc_url=None, openapi_url=None)
 
-    def require_token(
+    async def require_token(  # async: a sync dependency would cost a thread hop per request
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> None:
         client = request.client.host if request.client else "unknown"
-        wait = limiter.blocked_for(client)
-        if wait > 0:
-            raise HTTPException(
-                429,
-                f"too many failed logins; retry in {wait:.0f} s",
-                headers={"Retry-After": str(int(wait) + 1)},
-            )
-        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
-            if credentials is not None:  # a wrong token is a guess; a missing one is not counted
-                limiter.failed(client)
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+        authorize(client, credentials.credentials if credentials else None)
 
     Auth = Depends(require_token)
 
-    @app.exception_handler(InferenceInputError)
-    async def bad_input(_: Request, e: InferenceInputError) -> JSONResponse:
-        return JSONResponse({"error": str(e)}, status_code=400)
+    async def answer_error(_: Request, e: Exception) -> JSONResponse:
+        mapped = error_status(e)
+        assert mapped is not None  # registered only for the classes error_status maps
+        status_code, message, headers = mapped
+        return JSONResponse({"error": message}, status_code=status_code, headers=headers)
 
-    @app.exception_handler(EngineError)
-    async def engine_failed(_: Request, e: EngineError) -> JSONResponse:
-        return JSONResponse({"error": str(e)}, status_code=503)
+    for handled in (
+        StarletteHTTPException,
+        InferenceInputError,
+        EngineError,
+        BodyTooLarge,
+        UnsupportedEncoding,
+    ):
+        app.add_exception_handler(handled, answer_error)
 
     @app.get("/openapi.json", dependencies=[Auth], include_in_schema=False)
     def openapi() -> dict[str, Any]:
@@ -75,6 +209,10 @@ def create_app(
         ok = bool(engine.names())
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
+    @app.get("/v2", dependencies=[Auth])
+    def server_metadata() -> dict[str, Any]:
+        return {"name": "edgefleet", "version": app.version, "extensions": ["binary_tensor_data"]}
+
     @app.get("/metrics", dependencies=[Auth], response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
         return PlainTextResponse(render(engine, metrics_extra), media_type=CONTENT_TYPE_LATEST)
@@ -83,25 +221,45 @@ def create_app(
     def get_status() -> dict[str, Any]:
         return status()
 
-    def serving_or_404(name: str) -> Any:
+    def serving_or_404(name: str, version: str | None = None) -> ServingModel:
         if name not in engine.names():
             raise HTTPException(404, f"no model named {name!r}; loaded: {engine.names()}")
-        return engine.get(name)
+        serving = engine.get(name)
+        if version is not None and version != str(serving.manifest.version):
+            raise HTTPException(
+                404, f"{name} serves version {serving.manifest.version}, not {version}; omit the version"
+            )
+        return serving
 
     @app.get("/v2/models/{name}", dependencies=[Auth])
-    def metadata(name: str) -> dict[str, Any]:
-        return model_metadata(serving_or_404(name))
+    @app.get("/v2/models/{name}/versions/{version}", dependencies=[Auth])
+    def metadata(name: str, version: str | None = None) -> dict[str, Any]:
+        return model_metadata(serving_or_404(name, version))
 
     @app.get("/v2/models/{name}/ready", dependencies=[Auth])
-    def model_ready(name: str) -> dict[str, Any]:
-        serving_or_404(name)
+    @app.get("/v2/models/{name}/versions/{version}/ready", dependencies=[Auth])
+    def model_ready(name: str, version: str | None = None) -> dict[str, Any]:
+        serving_or_404(name, version)
         return {"name": name, "ready": True}
 
-    @app.post("/v2/models/{name}/infer", dependencies=[Auth])
-    async def infer(name: str, request: InferRequest) -> dict[str, Any]:
-        serving = serving_or_404(name)
-        inputs = decode_inputs(request)
-        outputs = await asyncio.to_thread(engine.run, name, inputs)
-        return encode_outputs(serving, outputs, request)
+    async def run_infer(
+        name: str, version: str | None, headers: Mapping[str, str], body: bytes
+    ) -> tuple[bytes, int | None]:
+        serving = serving_or_404(name, version)
+        body = decompress_body(body, headers.get("content-encoding"), MAX_BODY_BYTES)
+        parsed = parse_infer_request(body, headers.get(HEADER_LENGTH))
+        # The future resolves on the batcher's thread; awaiting it holds no thread of ours meanwhile.
+        outputs = await asyncio.wrap_future(engine.submit(serving, parsed.inputs))
+        return encode_infer_response(serving, outputs, parsed)
 
-    return BodySizeLimit(app, MAX_BODY_BYTES)
+    @app.post("/v2/models/{name}/infer", dependencies=[Auth], description=INFER_DOC)
+    @app.post("/v2/models/{name}/versions/{version}/infer", dependencies=[Auth], description=INFER_DOC)
+    async def infer(name: str, request: Request, version: str | None = None) -> Response:
+        content, json_length = await run_infer(name, version, request.headers, await request.body())
+        if json_length is None:
+            return Response(content, media_type="application/json")
+        return Response(
+            content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(json_length)}
+        )
+
+    return BodySizeLimit(InferFastPath(app, authorize, run_infer), MAX_BODY_BYTES)

@@ -1,5 +1,6 @@
 """An ASGI guard that refuses request bodies over a size limit before they are buffered."""
 
+import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -12,6 +13,10 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 class BodyTooLarge(Exception):
     pass
+
+
+class UnsupportedEncoding(ValueError):
+    """A request body in a Content-Encoding we do not read, or not valid in the one it names."""
 
 
 class BodySizeLimit:
@@ -55,3 +60,28 @@ class BodySizeLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def decompress_body(body: bytes, encoding: str | None, max_bytes: int) -> bytes:
+    """Undo a request's Content-Encoding (gzip or deflate, as Triton's client sends them) within the cap.
+
+    The limit applies to the decompressed size too, so a small compressed bomb is refused as early
+    as the plain oversized body it expands to.
+    """
+    if encoding is None or encoding == "identity":
+        return body
+    if encoding == "gzip":
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    elif encoding == "deflate":
+        inflater = zlib.decompressobj()
+    else:
+        raise UnsupportedEncoding(
+            f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none"
+        )
+    try:
+        plain = inflater.decompress(body, max_bytes + 1)
+    except zlib.error as e:
+        raise UnsupportedEncoding(f"the body is not valid {encoding} data: {e}") from e
+    if len(plain) > max_bytes:
+        raise BodyTooLarge
+    return plain

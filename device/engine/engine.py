@@ -8,6 +8,7 @@ import bisect
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from device.engine.backends.base import Backend, LoadedModel, Tensors
+from device.engine.batcher import BatchConfig, MicroBatcher, Unavailable
 from device.engine.probe import HardwareProfile
 from device.engine.registry import select_and_load
 from device.errors import EngineError, GoldenTestFailed, InferenceInputError
@@ -23,6 +25,7 @@ from models.manifest import Manifest, TensorSpec
 WARMUP_RUNS = 3
 LATENCY_BUCKETS_MS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
 GOLDEN_TIMING_RUNS = 10
+_NUMPY_DTYPES = {name: np.dtype(name) for name in ("float32", "float16", "int8", "uint8", "int32", "int64")}
 
 
 @dataclass
@@ -57,6 +60,12 @@ class ServingModel:
     stats: ModelStats = field(default_factory=ModelStats)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    @property
+    def batchable(self) -> bool:
+        """Whether requests can be stacked: dim 0 of every input and output is dynamic."""
+        specs = [*self.manifest.inputs, *self.manifest.outputs]
+        return all(s.shape and s.shape[0] == -1 for s in specs)
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.manifest.name,
@@ -74,22 +83,27 @@ class ServingModel:
 
 def check_inputs(specs: list[TensorSpec], inputs: Tensors) -> Tensors:
     """Match the caller's tensors to the manifest by name, dtype and shape; raise a 4xx-style error."""
-    expected = {s.name for s in specs}
-    if set(inputs) != expected:
-        raise InferenceInputError(f"inputs must be exactly {sorted(expected)}, got {sorted(inputs)}")
+    # On every request's path: plain loops and a dtype table, no sets or generators (a few µs saved).
+    if len(inputs) != len(specs) or any(spec.name not in inputs for spec in specs):
+        expected = sorted(s.name for s in specs)
+        raise InferenceInputError(f"inputs must be exactly {expected}, got {sorted(inputs)}")
     checked: Tensors = {}
     for spec in specs:
         array = inputs[spec.name]
-        if array.dtype != np.dtype(spec.dtype):
+        if array.dtype != (_NUMPY_DTYPES.get(spec.dtype) or np.dtype(spec.dtype)):
             raise InferenceInputError(f"input {spec.name!r} must be {spec.dtype}, got {array.dtype}")
-        shape_ok = len(array.shape) == len(spec.shape) and all(
-            want in (-1, got) for want, got in zip(spec.shape, array.shape, strict=True)
-        )
+        shape = array.shape
+        shape_ok = len(shape) == len(spec.shape)
+        if shape_ok:
+            for want, got in zip(spec.shape, shape, strict=True):
+                if want != -1 and want != got:
+                    shape_ok = False
+                    break
         if not shape_ok:
             raise InferenceInputError(
                 f"input {spec.name!r} must have shape {spec.shape}, got {list(array.shape)}"
             )
-        checked[spec.name] = np.ascontiguousarray(array)
+        checked[spec.name] = array if array.flags.c_contiguous else np.ascontiguousarray(array)
     return checked
 
 
@@ -141,6 +155,10 @@ class Engine:
         self._backends = backends
         self._pinned = pinned
         self._models: dict[str, ServingModel] = {}
+        self._batch_configs: dict[str, BatchConfig] = {}
+        self._batchers: dict[str, MicroBatcher[ServingModel]] = {}
+        self._batchers_lock = threading.Lock()
+        self._closed = False
 
     def prepare(self, folder: Path, manifest: Manifest) -> ServingModel:
         """Load and prove a model without serving it yet (used for new versions before the switch)."""
@@ -170,21 +188,77 @@ class Engine:
         return sorted(self._models)
 
     def run(self, name: str, inputs: Tensors) -> Tensors:
+        """Run now, in the caller's thread (the pipeline's way); no queue, no batching."""
         serving = self.get(name)
+        return self._run_checked(serving, check_inputs(serving.manifest.inputs, inputs))
+
+    def submit(self, serving: ServingModel, inputs: Tensors) -> Future[Tensors]:
+        """Check `inputs` now, then queue them on the model's batcher (the API's way).
+
+        Raises InferenceInputError for bad inputs and batcher.Overloaded when the queue is full; the
+        future holds exactly the caller's rows, or the model's error.
+        """
         checked = check_inputs(serving.manifest.inputs, inputs)
+        return self._batcher(serving.manifest.name).submit(serving, checked, serving.batchable)
+
+    def configure_batching(self, name: str, config: BatchConfig) -> None:
+        """How API requests to `name` are queued and grouped from now on (default: BatchConfig())."""
+        with self._batchers_lock:
+            self._batch_configs[name] = config
+            old = self._batchers.pop(name, None)
+        if old is not None:
+            old.close()  # finishes what it holds; new requests already go to the new batcher
+
+    def batcher_stats(self, name: str) -> dict[str, Any]:
+        with self._batchers_lock:
+            batcher = self._batchers.get(name)
+            config = self._batch_configs.get(name, BatchConfig())
+        stats = batcher.stats if batcher else None
+        return {
+            "max_batch": config.max_batch,
+            "max_wait_ms": config.max_wait_ms,
+            "max_queue": config.max_queue,
+            "queued": batcher.queued() if batcher else 0,
+            "batches": stats.batches if stats else 0,
+            "mean_batch_rows": stats.mean_batch_rows() if stats else None,
+            "refused": stats.refused if stats else 0,
+        }
+
+    def _batcher(self, name: str) -> MicroBatcher[ServingModel]:
+        batcher = self._batchers.get(name)  # a dict read is atomic; the lock is for creating one
+        if batcher is None:
+            with self._batchers_lock:
+                if self._closed:
+                    raise Unavailable("the engine is shutting down; retry once the device is back")
+                batcher = self._batchers.get(name)
+                if batcher is None:
+                    config = self._batch_configs.get(name, BatchConfig())
+                    batcher = self._batchers[name] = MicroBatcher(name, config, self._run_checked)
+        return batcher
+
+    def _run_checked(self, serving: ServingModel, checked: Tensors) -> Tensors:
+        # Batches from the batcher thread and single calls from the pipeline share the stats: the lock.
+        first = next(iter(checked.values()))
+        rows = first.shape[0] if first.ndim else 1
         start = time.perf_counter()
         try:
             outputs = serving.model.run(checked)
         except Exception as e:
             with serving.lock:
-                serving.stats.errors += len(next(iter(checked.values())))  # per item, like inferences
-            raise EngineError(f"{name} failed on {serving.backend}: {e}") from e
+                serving.stats.errors += rows  # per item, like inferences
+            raise EngineError(f"{serving.manifest.name} failed on {serving.backend}: {e}") from e
         elapsed_ms = (time.perf_counter() - start) * 1000
         with serving.lock:
-            serving.stats.observe(len(next(iter(checked.values()))), elapsed_ms)
+            serving.stats.observe(rows, elapsed_ms)
         return outputs
 
     def close(self) -> None:
+        with self._batchers_lock:
+            self._closed = True
+            batchers = list(self._batchers.values())
+            self._batchers.clear()
+        for batcher in batchers:  # before the models close: they finish what they hold
+            batcher.close()
         for serving in self._models.values():
             serving.model.close()
         self._models.clear()

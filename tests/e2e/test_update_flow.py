@@ -33,7 +33,15 @@ def device(fleet: FleetProcess, archives: dict[int, Path], tmp_path: Path) -> It
     device = DeviceProcess("cam-1", tmp_path / "cam-1")
     device.provision(fleet.client, archives[1], probation_s=1.0)
     device.start()
-    wait_for("the device to come online", partial(online, fleet.client, "cam-1"), 30)
+    try:
+        wait_for("the device to come online", partial(online, fleet.client, "cam-1"), 60)
+    except TimeoutError as e:
+        logs = [
+            f"{name}: {child.log_tail(40)}"
+            for name, child in (("device", device.child), ("fleet", fleet.child))
+            if child
+        ]
+        raise TimeoutError(f"{e}\n" + "\n".join(logs)) from None
     yield device
     device.stop()
 

@@ -1,34 +1,10 @@
 """The local API over a real socket: auth, Open Inference Protocol v2, and bad requests."""
 
-import threading
-from collections.abc import Iterator
-from pathlib import Path
-
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
-from device.api import create_app
-from device.engine.engine import Engine
-from edgefleet.procs import free_port, wait_for
-from models.manifest import load_manifest
-
-TOKEN = "test-token-123"
-
-
-@pytest.fixture
-def api(engine: Engine, zoo: Path) -> Iterator[str]:
-    engine.serve(engine.prepare(zoo / "v1", load_manifest(zoo / "v1")))
-    port = free_port()
-    app = create_app(engine, lambda: {"device_id": "dev-a"}, TOKEN, lambda: {"update_state": "idle"})
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for("the API", lambda: server.started, 10, 0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+from tests.device.api.conftest import TOKEN
 
 
 def auth() -> dict[str, str]:
@@ -130,7 +106,7 @@ def test_every_route_but_liveness_refuses_a_missing_token(api: str) -> None:
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
     open_paths = {"/healthz", "/v2/health/live"}
     for path, methods in spec["paths"].items():
-        concrete = path.replace("{name}", "surface-defect")
+        concrete = path.replace("{name}", "surface-defect").replace("{version}", "1")
         for method in methods:
             response = httpx.request(method.upper(), f"{api}{concrete}", json={})
             expected = 200 if path in open_paths else 401

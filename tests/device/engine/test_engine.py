@@ -61,3 +61,24 @@ def test_latency_budget_is_enforced(engine: Engine, package_copy: Path) -> None:
     write_manifest(package_copy, {**fields, "latency_budget_ms": 1e-6}, list(manifest.files))
     with pytest.raises(GoldenTestFailed, match="budget"):
         engine.prepare(package_copy, load_manifest(package_copy))
+
+
+def test_a_strided_view_gives_the_same_outputs_as_a_copy(engine: Engine, zoo: Path) -> None:
+    engine.serve(engine.prepare(zoo / "v1", load_manifest(zoo / "v1")))
+    base = np.random.default_rng(5).normal(size=(2, 64, 64, 3)).astype(np.float32)
+    view = base.transpose(0, 3, 1, 2)  # NHWC memory read as NCHW: not C-contiguous
+    assert not view.flags.c_contiguous
+    got = engine.run("surface-defect", {"image": view})["logits"]
+    want = engine.run("surface-defect", {"image": np.ascontiguousarray(view)})["logits"]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_api_requests_go_through_a_bounded_queue_by_default(engine: Engine, zoo: Path) -> None:
+    serving = engine.prepare(zoo / "v1", load_manifest(zoo / "v1"))
+    engine.serve(serving)
+    assert serving.batchable  # dim 0 is -1 on its input and output
+    out = engine.submit(serving, {"image": np.zeros((2, 3, 64, 64), np.float32)}).result(30)
+    assert out["logits"].shape == (2, 4)
+    stats = engine.batcher_stats("surface-defect")
+    assert (stats["max_batch"], stats["max_queue"], stats["batches"]) == (1, 32, 1)
+    engine.close()

@@ -1,0 +1,476 @@
+"""Engine and v2 endpoint benchmarks, side by side with the raw runtime, in one run.
+
+    .venv/bin/python bench/engine/bench_engine.py [--model PATH] [--repeats 3] [--seconds 6]
+        [--threads N] [--server-path DIR]
+
+1. Engine overhead: `engine.run` vs `onnxruntime.InferenceSession.run` on the same model file with
+   the same session options, batch 1, in alternating blocks so that drift hits both alike.
+2. Latency added by the v2 HTTP endpoint: one client, one request at a time, batch 1, binary
+   tensors (and JSON, and Triton's own client, for comparison), against the raw in-process run.
+3. Served throughput: 16 concurrent clients, batch 1 each, against the raw runtime's best in-process
+   throughput at any batch size (the ceiling), with micro-batching off and on.
+
+Besides wall time, CPU time is counted (the server's from /proc, the clients' and the raw runs'
+from this process): on a shared machine it is far steadier than wall time, and on 2 cores it is
+what bounds served throughput. Servers run as child processes (bench/engine/serve.py); clients run
+in this process. Raw runs go to bench/engine/results.json (or --out).
+"""
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+from loadgen import http_request, run_load  # beside this script
+
+from device.standalone import load_for_serving
+from edgefleet.procs import free_port, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = ROOT / "models" / "zoo" / "surface_defect" / "v1"
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+CLIENTS = 16
+WARMUP_CALLS = 20
+SERVED_CONFIGS = {  # label -> (max_batch, max_wait_ms)
+    "batching off": (1, 0.0),
+    "batching on, max_batch 16, wait 0 ms": (16, 0.0),
+    "batching on, max_batch 16, wait 2 ms": (16, 2.0),
+    "batching on, max_batch 4, wait 0 ms": (4, 0.0),
+}
+TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a whole process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * TICK_S
+
+
+def quantiles_ms(seconds: list[float]) -> dict[str, float]:
+    array = np.asarray(seconds) * 1000
+    return {"p50": float(np.quantile(array, 0.5)), "p99": float(np.quantile(array, 0.99))}
+
+
+def raw_session(model_file: Path, threads: int) -> ort.InferenceSession:
+    # The options the engine's onnxruntime-cpu backend sets, so only the engine's own code differs.
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+
+
+def tiny_model(folder: Path) -> Path | None:
+    """y = 2x on a [n, 4] float32 input: a run of a few µs, so what remains is the engine's own cost."""
+    try:
+        import onnx
+    except ImportError:  # the onnx package is in the train extra; without it this part is skipped
+        return None
+    helper = onnx.helper
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "two"], ["y"])],
+        "tiny",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 4])],
+        initializer=[onnx.numpy_helper.from_array(np.array(2.0, np.float32), "two")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(folder / "tiny.onnx"))
+    return folder / "tiny.onnx"
+
+
+def paired(
+    raw: Callable[[], object], wrapped: Callable[[], object], blocks: int, calls: int
+) -> dict[str, Any]:
+    """Alternating blocks of `calls` calls; per block the wrapped/raw ratio of wall and of CPU time."""
+    for _ in range(WARMUP_CALLS):
+        raw(), wrapped()
+    wall: dict[str, list[float]] = {"raw": [], "wrapped": []}
+    cpu: dict[str, list[float]] = {"raw": [], "wrapped": []}
+    for block in range(blocks):
+        order = [("raw", raw), ("wrapped", wrapped)]
+        for which, call in order if block % 2 == 0 else order[::-1]:
+            start, cpu_start = time.perf_counter(), time.process_time()
+            for _ in range(calls):
+                call()
+            wall[which].append((time.perf_counter() - start) / calls)
+            cpu[which].append((time.process_time() - cpu_start) / calls)
+
+    def ratios(times: dict[str, list[float]]) -> list[float]:
+        return [w / r for w, r in zip(times["wrapped"], times["raw"], strict=True)]
+
+    return {
+        "raw_ms": statistics.median(wall["raw"]) * 1e3,
+        "wrapped_ms": statistics.median(wall["wrapped"]) * 1e3,
+        "wall_ratio": statistics.median(ratios(wall)),
+        "wall_ratio_quartiles": statistics.quantiles(ratios(wall), n=4),
+        "raw_cpu_us": statistics.median(cpu["raw"]) * 1e6,
+        "wrapped_cpu_us": statistics.median(cpu["wrapped"]) * 1e6,
+        "cpu_ratio": statistics.median(ratios(cpu)),
+    }
+
+
+def engine_overhead(model: Path, threads: int, blocks: int) -> dict[str, Any]:
+    """engine.run against InferenceSession.run on the engine's own session (one thread pool, no
+    session-to-session differences), an A/A run of that session against itself for the noise floor,
+    and the engine's cost in µs on a model that costs next to nothing."""
+    import dataclasses
+
+    from device.engine.engine import Engine
+    from device.standalone import manifest_for_bare_onnx
+
+    probed, loaded = load_for_serving(model, "onnxruntime-cpu")
+    probed.close()
+    # The backend sizes its thread pool from the profile's core count.
+    engine = Engine(dataclasses.replace(probed.profile, cpu_count=threads), pinned="onnxruntime-cpu")
+    serving = engine.prepare(loaded.folder, loaded.manifest)
+    engine.serve(serving)
+    session = serving.model._session  # type: ignore[attr-defined]  # the very session the engine runs
+    spec = serving.manifest.inputs[0]
+    shape = [1 if d == -1 else d for d in spec.shape]
+    feed = {spec.name: np.random.default_rng(0).normal(size=shape).astype(spec.dtype)}
+    name = serving.manifest.name
+    out: dict[str, Any] = {"model": str(model), "threads": threads}
+    out["engine_vs_raw"] = paired(lambda: session.run(None, feed), lambda: engine.run(name, feed), blocks, 40)
+    out["raw_vs_raw"] = paired(lambda: session.run(None, feed), lambda: session.run(None, feed), blocks, 40)
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = tiny_model(Path(tmp))
+        if tiny is not None:
+            served = engine.prepare(tiny.parent, manifest_for_bare_onnx(tiny))
+            engine.serve(served)
+            tiny_session = served.model._session  # type: ignore[attr-defined]
+            x = {"x": np.ones((1, 4), np.float32)}
+            out["tiny"] = paired(lambda: tiny_session.run(None, x), lambda: engine.run("tiny", x), 15, 3000)
+    engine.close()
+    return out
+
+
+def ceiling(session: ort.InferenceSession, name: str, seconds_each: float) -> dict[str, dict[str, float]]:
+    """Items/s and CPU ms per item of the raw session at each batch size."""
+    rates = {}
+    for batch in BATCH_SIZES:
+        feed = {name: np.random.default_rng(batch).normal(size=(batch, 3, 64, 64)).astype(np.float32)}
+        session.run(None, feed)
+        calls, start, cpu = 0, time.perf_counter(), time.process_time()
+        while (elapsed := time.perf_counter() - start) < seconds_each:
+            session.run(None, feed)
+            calls += 1
+        items = calls * batch
+        rates[str(batch)] = {
+            "items_s": items / elapsed,
+            "cpu_ms_item": (time.process_time() - cpu) / items * 1e3,
+        }
+    return rates
+
+
+@dataclass
+class Server:
+    port: int
+    token: str
+    pid: int
+
+
+@contextmanager
+def server(model: Path, max_batch: int, max_wait_ms: float, args: argparse.Namespace) -> Iterator[Server]:
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        token_file = Path(tmp) / "token"
+        cmd = [sys.executable, str(ROOT / "bench" / "engine" / "serve.py"), "--model", str(model)]
+        cmd += ["--port", str(port), "--token-file", str(token_file), "--http", args.http]
+        cmd += ["--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--max-queue", "64"]
+        cmd += ["--threads", str(args.threads)]
+        env = dict(os.environ)
+        if args.server_path:  # e.g. a folder with httptools and uvloop, which uvicorn then picks up
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.server_path, env.get("PYTHONPATH")]))
+        log = open(Path(tmp) / "serve.log", "wb")  # noqa: SIM115 - closed below, after the child
+        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        try:
+
+            def up() -> bool:
+                if child.poll() is not None:
+                    raise RuntimeError((Path(tmp) / "serve.log").read_text())
+                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+
+            wait_for("the bench server", up, 60)
+            yield Server(port, token_file.read_text().strip(), child.pid)
+        finally:
+            child.terminate()
+            child.wait(15)
+            log.close()
+
+
+def server_stack(extra_path: str | None) -> dict[str, bool]:
+    """Whether the server child can import httptools and uvloop (uvicorn uses them when it can)."""
+    env = dict(os.environ, PYTHONPATH=extra_path or "")
+    check = (
+        "import importlib.util as u, json; "
+        "print(json.dumps({m: bool(u.find_spec(m)) for m in ('httptools', 'uvloop')}))"
+    )
+    out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, check=True)
+    return dict(json.loads(out.stdout))
+
+
+def binary_request(model_name: str, array: np.ndarray, token: str) -> bytes:
+    raw = array.tobytes()
+    tensor = {
+        "name": "image",
+        "shape": list(array.shape),
+        "datatype": "FP32",
+        "parameters": {"binary_data_size": len(raw)},
+    }
+    header = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}}).encode()
+    headers = {"Authorization": f"Bearer {token}", "Inference-Header-Content-Length": str(len(header))}
+    return http_request(f"/v2/models/{model_name}/infer", header + raw, headers)
+
+
+def json_request(model_name: str, array: np.ndarray, token: str) -> bytes:
+    tensor = {"name": "image", "shape": list(array.shape), "datatype": "FP32", "data": array.ravel().tolist()}
+    body = json.dumps({"inputs": [tensor]}).encode()
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    return http_request(f"/v2/models/{model_name}/infer", body, headers)
+
+
+def measured(call: Callable[[], object], n: int, pid: int | None) -> dict[str, float]:
+    """Latency quantiles of `n` calls after a warm-up, with CPU ms per call here and in `pid`."""
+    for _ in range(WARMUP_CALLS):
+        call()
+    latencies = []
+    here, there = time.process_time(), process_cpu_s(pid) if pid else 0.0
+    for _ in range(n):
+        start = time.perf_counter()
+        call()
+        latencies.append(time.perf_counter() - start)
+    result = quantiles_ms(latencies)
+    result["cpu_ms_here"] = (time.process_time() - here) / n * 1e3
+    if pid:
+        result["cpu_ms_server"] = (process_cpu_s(pid) - there) / n * 1e3
+    return result
+
+
+def lean_caller(port: int, request: bytes) -> tuple[Callable[[], None], Callable[[], None]]:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    stream = sock.makefile("rb")
+
+    def call() -> None:
+        sock.sendall(request)
+        status = int(stream.readline().split()[1])
+        length = 0
+        while (line := stream.readline()) not in (b"\r\n", b""):
+            key, _, value = line.partition(b":")
+            if key.lower() == b"content-length":
+                length = int(value)
+        stream.read(length)
+        if status != 200:
+            raise RuntimeError(f"the server answered {status}")
+
+    def close() -> None:
+        stream.close()
+        sock.close()
+
+    return call, close
+
+
+def latencies(server: Server, model_name: str, session: ort.InferenceSession, n: int) -> dict[str, Any]:
+    import tritonclient.http as triton
+
+    one = np.random.default_rng(1).normal(size=(1, 3, 64, 64)).astype(np.float32)
+    out = {"raw in-process": measured(lambda: session.run(None, {"image": one}), n, None)}
+    for label, request in (
+        ("v2 binary", binary_request(model_name, one, server.token)),
+        ("v2 JSON", json_request(model_name, one, server.token)),
+    ):
+        call, close = lean_caller(server.port, request)
+        out[label] = measured(call, n, server.pid)
+        close()
+    client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
+    tensor = triton.InferInput("image", [1, 3, 64, 64], "FP32")
+    tensor.set_data_from_numpy(one)
+    out["v2 binary, tritonclient"] = measured(
+        lambda: client.infer(model_name, [tensor], headers={"Authorization": f"Bearer {server.token}"}),
+        n,
+        server.pid,
+    )
+    client.close()
+    return out
+
+
+def one_repeat(args: argparse.Namespace, model_name: str, session: ort.InferenceSession) -> dict[str, Any]:
+    one = np.random.default_rng(1).normal(size=(1, 3, 64, 64)).astype(np.float32)
+    result: dict[str, Any] = {"ceiling": ceiling(session, "image", args.ceiling_seconds)}
+    result["ceiling_best"] = max(r["items_s"] for r in result["ceiling"].values())
+    result["ceiling_cpu_ms_item"] = min(r["cpu_ms_item"] for r in result["ceiling"].values())
+    served: dict[str, Any] = {}
+    for label, (max_batch, wait) in SERVED_CONFIGS.items():
+        with server(args.model, max_batch, wait, args) as srv:
+            if max_batch == 1:  # one request at a time: the same with either batch setting
+                result["latency"] = latencies(srv, model_name, session, args.latency_n)
+            request = binary_request(model_name, one, srv.token)
+            run_load(srv.port, request, CLIENTS, seconds=1.0, warmup_s=0.0)
+            here, there = time.process_time(), process_cpu_s(srv.pid)
+            load = run_load(srv.port, request, CLIENTS, args.seconds, warmup_s=0.0)
+            here, there = time.process_time() - here, process_cpu_s(srv.pid) - there
+            answered = max(1, sum(load.statuses.values()))
+            served[label] = {
+                "items_s": load.ok / load.elapsed_s,
+                "of_ceiling": load.ok / load.elapsed_s / result["ceiling_best"],
+                "statuses": load.statuses,
+                "cpu_ms_server": there / answered * 1e3,
+                "cpu_ms_clients": here / answered * 1e3,
+                **quantiles_ms(load.latencies_s),
+            }
+            # What a CPU-saturated machine would serve, relative to the raw runtime at its cheapest:
+            # steadier than the wall-clock ratio when other jobs share the cores.
+            spent = served[label]["cpu_ms_server"] + served[label]["cpu_ms_clients"]
+            served[label]["of_ceiling_by_cpu"] = result["ceiling_cpu_ms_item"] / spent
+    result["served"] = served
+    return result
+
+
+def med(runs: list[dict[str, Any]], *path: str) -> float:
+    values = []
+    for run in runs:
+        value: Any = run
+        for key in path:
+            value = value[key]
+        values.append(value)
+    return float(statistics.median(values))
+
+
+def report(overhead: dict[str, Any], runs: list[dict[str, Any]], threads: int) -> str:
+    pair, aa = overhead["engine_vs_raw"], overhead["raw_vs_raw"]
+    lines = [
+        f"### Engine overhead, in-process, batch 1 (runtime threads: {threads})",
+        "",
+        "| comparison | raw ms/call | wrapped ms/call | wall ratio (quartiles) | CPU ratio |",
+        "|---|---:|---:|---:|---:|",
+        f"| engine.run vs session.run, {Path(overhead['model']).name} | {pair['raw_ms']:.3f} | "
+        f"{pair['wrapped_ms']:.3f} | {pair['wall_ratio']:.3f} ({pair['wall_ratio_quartiles'][0]:.3f}-"
+        f"{pair['wall_ratio_quartiles'][2]:.3f}) | {pair['cpu_ratio']:.3f} |",
+        f"| A/A: session.run vs itself (noise floor) | {aa['raw_ms']:.3f} | {aa['wrapped_ms']:.3f} | "
+        f"{aa['wall_ratio']:.3f} ({aa['wall_ratio_quartiles'][0]:.3f}-{aa['wall_ratio_quartiles'][2]:.3f}) | "
+        f"{aa['cpu_ratio']:.3f} |",
+    ]
+    if "tiny" in overhead:
+        tiny = overhead["tiny"]
+        added = tiny["wrapped_cpu_us"] - tiny["raw_cpu_us"]
+        lines.append(
+            f"| engine.run vs session.run, 2x model (engine cost alone) | {tiny['raw_cpu_us']:.1f} µs CPU | "
+            f"{tiny['wrapped_cpu_us']:.1f} µs CPU | +{added:.1f} µs = "
+            f"{added / pair['raw_cpu_us'] * 100:.2f}% of the model's "
+            f"{pair['raw_cpu_us']:.0f} µs CPU per call | |"
+        )
+    lines += [
+        "",
+        "### Latency, one client, one request at a time, batch 1",
+        "",
+        "| path | p50 ms | p99 ms | added p50 | added p99 | server CPU ms/req | client CPU ms/req |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    raw50, raw99 = (
+        med(runs, "latency", "raw in-process", "p50"),
+        med(runs, "latency", "raw in-process", "p99"),
+    )
+    for path in runs[0]["latency"]:
+        p50, p99 = med(runs, "latency", path, "p50"), med(runs, "latency", path, "p99")
+        server_cpu = f"{med(runs, 'latency', path, 'cpu_ms_server'):.3f}" if path != "raw in-process" else ""
+        lines.append(
+            f"| {path} | {p50:.3f} | {p99:.3f} | {p50 - raw50:+.3f} | {p99 - raw99:+.3f} | {server_cpu} | "
+            f"{med(runs, 'latency', path, 'cpu_ms_here'):.3f} |"
+        )
+    lines += [
+        "",
+        f"### Throughput, {CLIENTS} concurrent clients, batch 1 each, binary tensors",
+        "",
+        "| what | items/s | of ceiling | p50 ms | p99 ms | server CPU ms/item | client CPU ms/item "
+        "| of ceiling by CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for batch in BATCH_SIZES:
+        lines.append(
+            f"| raw ORT in-process, batch {batch} | {med(runs, 'ceiling', str(batch), 'items_s'):.0f} "
+            f"| | | | {med(runs, 'ceiling', str(batch), 'cpu_ms_item'):.3f} | | |"
+        )
+    lines.append(
+        f"| **ceiling** (best batch size, per repeat) | {med(runs, 'ceiling_best'):.0f} | 1.00 | | | "
+        f"{med(runs, 'ceiling_cpu_ms_item'):.3f} (cheapest) | | 1.00 |"
+    )
+    for label in SERVED_CONFIGS:
+        s = ("served", label)
+        lines.append(
+            f"| v2 endpoint, {label} | {med(runs, *s, 'items_s'):.0f} | {med(runs, *s, 'of_ceiling'):.2f} | "
+            f"{med(runs, *s, 'p50'):.1f} | {med(runs, *s, 'p99'):.1f} | "
+            f"{med(runs, *s, 'cpu_ms_server'):.3f} | {med(runs, *s, 'cpu_ms_clients'):.3f} | "
+            f"{med(runs, *s, 'of_ceiling_by_cpu'):.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="a package folder or an .onnx")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per throughput run")
+    parser.add_argument("--ceiling-seconds", type=float, default=1.0, help="per batch size")
+    parser.add_argument("--latency-n", type=int, default=500, help="sequential requests per latency run")
+    parser.add_argument("--overhead-blocks", type=int, default=30)
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="runtime threads, everywhere"
+    )
+    parser.add_argument("--http", default="auto", help="uvicorn HTTP implementation for the server")
+    parser.add_argument("--server-path", help="prepended to the server's PYTHONPATH (e.g. httptools, uvloop)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
+    args = parser.parse_args()
+
+    _, serving = load_for_serving(args.model, "onnxruntime-cpu")
+    model_name = serving.manifest.name
+    session = raw_session(serving.folder / serving.manifest.model_file, args.threads)
+    serving.model.close()
+    load_before = os.getloadavg()
+
+    overhead = engine_overhead(args.model, args.threads, args.overhead_blocks)
+    print("engine overhead measured", flush=True)
+    runs = []
+    for i in range(args.repeats):
+        runs.append(one_repeat(args, model_name, session))
+        print(f"repeat {i + 1}/{args.repeats} done", flush=True)
+    table = report(overhead, runs, args.threads)
+    print(table)
+    print(f"load average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f}")
+    results = {
+        "command": " ".join(sys.argv),
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+        },
+        "load_average": {"before": load_before, "after": os.getloadavg()},
+        "onnxruntime": ort.__version__,
+        "server_stack": server_stack(args.server_path),
+        "threads": args.threads,
+        "overhead": overhead,
+        "runs": runs,
+        "table": table,
+    }
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
