@@ -40,3 +40,30 @@ def test_probe_explains_the_backend_choice(zoo: Path) -> None:
     explained = json.loads(result.output)
     assert explained["chosen"] == "onnxruntime-cpu"
     assert "not in this onnxruntime build" in explained["passed_over"]["onnxruntime-cuda"]
+
+
+def test_serve_refuses_a_batcher_setting_out_of_range(zoo: Path) -> None:
+    result = runner.invoke(app, ["device", "serve", "--model", str(zoo / "v2"), "--max-batch", "0"])
+    assert result.exit_code == 1 and "max_batch must be at least 1" in result.output
+
+
+def test_rollout_status_renders_progress_and_phases() -> None:
+    from edgefleet.rollout_cli import render
+
+    view = {
+        "campaign_id": "c1",
+        "model_name": "surface-defect",
+        "version": 2,
+        "state": "running",
+        "reason": "",
+        "progress": 0.5,
+        "skipped": [],
+        "phases": [
+            {"name": "canary", "state": "done", "offered": 1, "devices": 1, "committed": 1},
+            {"name": "all", "state": "active", "offered": 3, "devices": 3, "in_progress": 2, "failed": 1},
+        ],
+    }
+    lines = render(view).splitlines()
+    assert lines[0] == "rollout c1  surface-defect v2  running"
+    assert lines[1] == "[" + "#" * 15 + "." * 15 + "] 50%"
+    assert lines[3].split() == ["all", "active", "3/3", "offered;", "1", "failed,", "2", "in", "progress"]
