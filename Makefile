@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint typecheck unit e2e mosquitto models clean
+.PHONY: demo test lint typecheck unit e2e fuzz mosquitto models clean
 
 demo: $(STAMP) mosquitto
 	$(BIN)/edgefleet demo
@@ -26,6 +26,12 @@ unit: $(STAMP)
 
 e2e: $(STAMP) mosquitto
 	$(BIN)/pytest -m e2e
+
+# The parsers and both APIs, fuzzed for longer than in `make test` (HYPOTHESIS_PROFILE=fuzz).
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -p no:cacheprovider -o timeout=1800 \
+	  tests/protocol/test_fuzz.py tests/protocol/test_sealed.py tests/models/test_manifest_fuzz.py \
+	  tests/models/delta/test_bad_input.py tests/device/api/test_schemathesis.py tests/fleet/test_api_schemathesis.py
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -14,21 +14,26 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from device.api import create_app
+from device.api import updates as update_routes
+from device.api.ratelimit import FailedLoginLimiter
 from device.config import DataDir, DeviceConfig
 from device.engine.engine import Engine
 from device.engine.probe import probe
-from device.errors import ConfigError, DeviceError, EngineError
+from device.errors import ConfigError, DeviceError
 from device.health import collect, model_health
+from device.line import LineState
 from device.link import DeviceLink
 from device.pipeline import FolderPipeline
+from device.provision import renew_forever
+from device.shadow import ShadowConfig, ShadowHub
 from device.slots import ModelSlots
 from device.telemetry.outbox import Kind, Outbox
 from device.telemetry.sender import TelemetrySender
 from device.tuf_client import TufClient, fetch_over_loop
+from device.update_boot import load_at_boot
 from device.updater import Updater
-from models.errors import ModelError
 from models.signing import load_private_key, public_key_pem
-from protocol.messages import TelemetryRecord, UpdateOffer, encode
+from protocol.messages import RollbackCommand, TelemetryRecord, UpdateOffer, encode
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +74,11 @@ class Agent:
         self.link = DeviceLink(
             config.device_id,
             config.fleet_url,
-            data.secret("mqtt-password"),
+            data.optional_secret("mqtt-password"),  # plain mode only
             self._on_offer,
             self.version,
             public_key=public_key_pem(device_key),
+            tls=data.link_tls(),
         )
         self.outbox = Outbox(data.outbox, config.telemetry_max_bytes)
         self.sender = TelemetrySender(
@@ -84,7 +90,10 @@ class Agent:
             self.link.publish_telemetry,
         )
         self.link.on_telemetry_ack = self.sender.on_receipt
+        self.link.on_rollback = self._on_rollback
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.line = LineState(data.root / "line-state.json")
+        self.shadow_hub = ShadowHub()
         self.updater = Updater(
             config.device_id,
             data.root,
@@ -92,6 +101,16 @@ class Agent:
             self.link,
             TufClient(data.root, self._fetch_tuf_file),
             probation_s=config.probation_s,
+            probation_max_error_rate=config.probation_max_error_rate,
+            line=self.line,
+            shadow=ShadowConfig(
+                sample_rate=config.shadow_sample_rate,
+                cpu_budget=config.shadow_cpu_budget,
+                min_samples=config.shadow_min_samples,
+                min_agreement=config.shadow_min_agreement,
+                max_p95_increase=config.shadow_max_p95_increase,
+            ),
+            shadow_hub=self.shadow_hub,
         )
         self.slots = {s.model_name: s for s in map(ModelSlots, sorted(data.models.iterdir())) if s.exists()}
         if not self.slots:
@@ -103,14 +122,8 @@ class Agent:
 
     def load_models(self) -> None:
         for name, slots in self.slots.items():
-            self.updater.repair_slots_at_boot(name, active_is_broken=False)
-            try:
-                serving = self.engine.prepare(slots.active_dir(), slots.active_manifest())
-            except (ModelError, EngineError) as e:
-                if not self.updater.repair_slots_at_boot(name, active_is_broken=True):
-                    raise
-                log.error("active slot of %s is unusable (%s); serving the previous slot", name, e)
-                serving = self.engine.prepare(slots.active_dir(), slots.active_manifest())
+            # Crash-looping or broken new models go back to their previous slot here, before serving.
+            serving = load_at_boot(self.updater, slots)
             self.engine.serve(serving)
             log.info(
                 "serving %s v%d from slot %s on %s",
@@ -122,6 +135,10 @@ class Agent:
 
     async def _on_offer(self, offer: UpdateOffer) -> None:
         await self.updater.handle_offer(offer)
+
+    async def _on_rollback(self, command: RollbackCommand) -> None:
+        reason = f"fleet: {command.reason or 'no reason given'}"
+        await self.updater.roll_back(command.model_name, command.to_version, reason, command.request_id)
 
     def status(self) -> dict[str, Any]:
         record = self.updater.record
@@ -140,6 +157,7 @@ class Agent:
                 for name in self.engine.names()
             ],
             "last_update": record.to_json() if record else None,
+            "line": self.line.get().to_json(),
             "pipeline": {
                 "inferred_by_version": dict(self.pipeline.by_version) if self.pipeline else {},
                 "labels": dict(self.pipeline.by_label) if self.pipeline else {},
@@ -212,9 +230,19 @@ class Agent:
             self.data.results,
             self.config.pipeline_poll_s,
             on_result=self.record_metric,
+            on_inference=self.shadow_hub.observe,
         )
         self.pipeline.start()
-        app = create_app(self.engine, self.status, self.data.ensure_api_token(), self._metrics_extra)
+        token = self.data.ensure_api_token()
+        limiter = FailedLoginLimiter()  # one count of failed logins across all routes
+        app = create_app(
+            self.engine,
+            self.status,
+            token,
+            self._metrics_extra,
+            limiter,
+            routers=[update_routes.router(self.updater, self.line)],
+        )
         server = _Server(
             uvicorn.Config(
                 app,
@@ -229,6 +257,7 @@ class Agent:
             asyncio.create_task(self._health_loop(), name="health"),
             asyncio.create_task(self.sender.run(), name="telemetry"),
             asyncio.create_task(self.updater.recover(), name="recover"),
+            asyncio.create_task(renew_forever(self.data), name="cert-renewal"),
             asyncio.create_task(server.serve(), name="api"),
         ]
         for task in tasks:

@@ -2,6 +2,8 @@
 
 import json
 import secrets
+import ssl
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -16,8 +18,11 @@ CONFIG_FILE = "device.json"
 class DeviceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    device_id: str = Field(description="this device's id; also its MQTT user name")
-    fleet_url: str = Field(description="the fleet's broker, mqtt://host:port")
+    device_id: str = Field(description="this device's id; the CN of its certificate, its MQTT user name")
+    fleet_url: str = Field(description="the fleet's broker: mqtts://host:port (TLS) or mqtt://host:port")
+    fleet_api: str | None = Field(
+        default=None, description="the fleet's HTTP API, where the device enrolled and renews its certificate"
+    )
     api_host: str = Field(default="127.0.0.1", description="address the local API listens on")
     api_port: int = Field(default=8081, ge=0, le=65535, description="port of the local API")
     health_interval_s: float = Field(default=5.0, gt=0, description="seconds between health reports")
@@ -27,6 +32,36 @@ class DeviceConfig(BaseModel):
     telemetry_max_bytes: int = Field(
         default=64 * 1024 * 1024, ge=64 * 1024, description="disk bound of the telemetry outbox"
     )
+    probation_max_error_rate: float = Field(
+        default=0.2, ge=0, le=1, description="inference errors during probation that roll a model back"
+    )
+    # The shadow gate: during probation the previous model runs beside the new one on sampled inputs.
+    shadow_sample_rate: float = Field(default=0.25, ge=0, le=1, description="share of live inputs")
+    shadow_cpu_budget: float = Field(default=0.1, gt=0, le=1, description="shadow CPU seconds per second")
+    shadow_min_samples: int = Field(default=50, ge=1, description="below this the gate decides nothing")
+    # 0.9, not 0.97: a real fine-tune changes some labels (the sample v1 -> v2 agrees on 96.5% of
+    # images, being right more often); a rollout phase can demand more through its abort rule.
+    shadow_min_agreement: float = Field(default=0.9, ge=0, le=1, description="least top-1 agreement")
+    shadow_max_p95_increase: float = Field(default=0.2, ge=0, description="0.2: new p95 at most +20%")
+
+
+@dataclass(frozen=True)
+class LinkTls:
+    """The files of the device's TLS link to the broker: the fleet CA, its certificate and its key."""
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+
+    def context(self) -> ssl.SSLContext:
+        """Checks the broker's certificate (and host name) against the fleet CA; shows ours."""
+        try:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.cafile))
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.load_cert_chain(str(self.certfile), str(self.keyfile))
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"cannot load the device's TLS files ({e}): provision the device again") from e
+        return context
 
 
 class DataDir:
@@ -42,7 +77,13 @@ class DataDir:
         self.rejected = root / "rejected"
         self.results = root / "results"
         self.logs = root / "logs"
-        self.device_key = self.secrets / "device-key.pem"
+        self.device_key = self.secrets / "device-key.pem"  # Ed25519: signs telemetry
+        self.tls_key = self.secrets / "tls-key.pem"  # P-256: the key of its broker certificate
+        self.device_cert = root / "device-cert.pem"
+        self.fleet_ca = root / "fleet-ca.pem"
+        # What the fleet answered at enrollment, kept until provisioning finished, so that a power cut
+        # in between does not waste the one-time token.
+        self.enrollment_answer = self.secrets / "enrollment-answer.json"
         self.fleet_telemetry_key = root / "fleet-telemetry-key.pem"
         self.outbox = root / "telemetry" / "outbox.sqlite"
 
@@ -61,6 +102,17 @@ class DataDir:
         except FileNotFoundError as e:
             raise ConfigError(f"secret {path} is missing: provision the device again") from e
 
+    def optional_secret(self, name: str) -> str | None:
+        """A secret that only some setups have (the broker password exists in plain mode only)."""
+        path = self.secrets / name
+        return path.read_text().strip() if path.exists() else None
+
+    def link_tls(self) -> LinkTls | None:
+        """The TLS files, or None for a device enrolled before certificates (plain mode)."""
+        if not self.device_cert.exists():
+            return None
+        return LinkTls(self.fleet_ca, self.device_cert, self.tls_key)
+
     def write_secret(self, name: str, value: str) -> None:
         self.secrets.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.secrets / name
@@ -72,6 +124,7 @@ class DataDir:
         return self.secret("api-token")
 
     def make_dirs(self) -> None:
+        self.secrets.mkdir(parents=True, exist_ok=True, mode=0o700)
         for folder in (
             self.models,
             self.inbox,

@@ -16,6 +16,8 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from device.config import LinkTls
+from device.errors import ConfigError
 from protocol import topics
 from protocol.backoff import backoff_delay
 from protocol.errors import ProtocolError
@@ -25,6 +27,7 @@ from protocol.messages import (
     DeviceState,
     Health,
     MetadataRequest,
+    RollbackCommand,
     TelemetryAck,
     UpdateOffer,
     UpdateState,
@@ -38,17 +41,22 @@ BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
 MAX_PENDING_STATUSES = 1000
 
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
 OfferHandler = Callable[[UpdateOffer], Awaitable[None]]
+RollbackHandler = Callable[[RollbackCommand], Awaitable[None]]
 
 
 def parse_broker_url(url: str) -> tuple[str, int]:
     parsed = urlparse(url)
-    if parsed.scheme != "mqtt" or not parsed.hostname:
-        raise ValueError(f"broker URL {url!r} must look like mqtt://host:port")
-    return parsed.hostname, parsed.port or 1883
+    if parsed.scheme not in DEFAULT_PORTS or not parsed.hostname:
+        raise ValueError(f"broker URL {url!r} must look like mqtts://host:port (TLS) or mqtt://host:port")
+    return parsed.hostname, parsed.port or DEFAULT_PORTS[parsed.scheme]
 
 
 class DeviceLink:
+    on_rollback: RollbackHandler | None = None  # set by the agent: `cmd/rollback` goes there
+
     def __init__(
         self,
         device_id: str,
@@ -57,11 +65,19 @@ class DeviceLink:
         on_offer: OfferHandler,
         agent_version: str,
         public_key: str | None = None,
+        tls: LinkTls | None = None,
     ) -> None:
+        """`mqtts://` connects with TLS: the broker is checked against the fleet CA and the device shows
+        its certificate (`tls`), which is all the broker needs; `mqtt://` is plain mode (password)."""
         self.on_telemetry_ack: Callable[[TelemetryAck], Awaitable[None]] | None = None
         self.device_id = device_id
         self.public_key = public_key
         self.host, self.port = parse_broker_url(broker_url)
+        self.tls = tls if broker_url.startswith("mqtts:") else None
+        if broker_url.startswith("mqtts:") and tls is None:
+            raise ConfigError(
+                f"{broker_url} needs the device's certificate: provision it with an enrollment token"
+            )
         self.password = password
         self.on_offer = on_offer
         self.agent_version = agent_version
@@ -108,7 +124,9 @@ class DeviceLink:
             self.port,
             identifier=f"device-{self.device_id}",
             username=self.device_id,
-            password=self.password,
+            # With TLS the certificate is the credential; a password is never sent.
+            password=None if self.tls else self.password,
+            tls_context=self.tls.context() if self.tls else None,
             protocol=aiomqtt.ProtocolVersion.V5,
             will=will,
             keepalive=15,
@@ -140,6 +158,12 @@ class DeviceLink:
             elif topic == self._topic(topics.CMD_UPDATE):
                 offer = decode(UpdateOffer, payload, topic=topic)
                 self._spawn(self.on_offer(offer))
+            elif topic == self._topic(topics.CMD_ROLLBACK):
+                command = decode(RollbackCommand, payload, topic=topic)
+                if self.on_rollback is not None:
+                    self._spawn(self.on_rollback(command))
+                else:
+                    log.warning("rollback %s ignored: no handler is wired", command.request_id)
             elif topic == self._topic(topics.CMD_TELEMETRY_ACK):
                 ack = decode(TelemetryAck, payload, topic=topic)
                 if self.on_telemetry_ack is not None:

@@ -2,6 +2,8 @@
 
 Runs in its own thread so inference never waits on the network. It asks the engine for the model
 by name on every image, so a new version takes over between two images and none is dropped.
+After each result, `on_inference` (the shadow gate's hook during probation) sees the input tensors
+and the outputs; it runs after the result has been acted on, so it never delays one.
 """
 
 import json
@@ -17,12 +19,15 @@ from typing import Any
 import numpy as np
 from PIL import UnidentifiedImageError
 
+from device.engine.backends.base import Tensors
 from device.engine.engine import Engine
 from device.engine.preprocess import load_image
 from device.errors import EngineError
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+# model name, version, inputs, outputs, latency in ms
+InferenceHook = Callable[[str, int, Tensors, Tensors, float], None]
 
 
 class FolderPipeline:
@@ -36,6 +41,7 @@ class FolderPipeline:
         results: Path,
         poll_s: float,
         on_result: Callable[[dict[str, Any]], None] | None = None,
+        on_inference: InferenceHook | None = None,
     ) -> None:
         self.engine = engine
         self.model_name = model_name
@@ -45,6 +51,7 @@ class FolderPipeline:
         self.results_file = results / "results.jsonl"
         self.poll_s = poll_s
         self.on_result = on_result
+        self.on_inference = on_inference
         self.by_version: Counter[int] = Counter()
         self.by_label: Counter[str] = Counter()
         self.rejected_count = 0
@@ -79,9 +86,9 @@ class FolderPipeline:
         try:
             if manifest.preprocessing is None:
                 raise EngineError(f"{manifest.name} declares no preprocessing for images")
-            tensor = load_image(path, manifest.preprocessing)
+            inputs = {manifest.inputs[0].name: load_image(path, manifest.preprocessing)}
             start = time.perf_counter()
-            outputs = self.engine.run(self.model_name, {manifest.inputs[0].name: tensor})
+            outputs = self.engine.run(self.model_name, inputs)
             latency_ms = (time.perf_counter() - start) * 1000
         except (UnidentifiedImageError, OSError, EngineError) as e:
             log.warning("rejected %s: %s", path.name, e)
@@ -108,3 +115,8 @@ class FolderPipeline:
             self.on_result(record)
         self.by_version[manifest.version] += 1
         self.by_label[label] += 1
+        if self.on_inference is not None:
+            try:
+                self.on_inference(self.model_name, manifest.version, inputs, outputs, latency_ms)
+            except Exception:  # an observer's failure costs nothing: the image has its result
+                log.exception("inference hook failed on %s", path.name)

@@ -38,6 +38,8 @@ for _state in (S.OFFERED, S.DOWNLOADING, S.VERIFYING, S.APPLYING, S.STAGED, S.TE
     TRANSITIONS[(_state, Event.FAIL)] = S.FAILED
 # After the switch a failure must put the old slot back.
 TRANSITIONS[(S.PROBATION, Event.FAIL)] = S.ROLLED_BACK
+# A rollback asked for outside an update (fleet command, local API): its own record, straight to the end.
+TRANSITIONS[(S.IDLE, Event.ROLL_BACK)] = S.ROLLED_BACK
 
 
 class IllegalTransition(RuntimeError):

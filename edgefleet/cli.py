@@ -68,14 +68,18 @@ def main(
 @device_app.command("provision")
 def device_provision(
     data_dir: DataDirOpt,
-    enrollment: Annotated[Path, typer.Option(help="the JSON the fleet returned for this device")],
+    enrollment: Annotated[Path, typer.Option(help="the ticket `fleet device-add` wrote for this device")],
     model: Annotated[Path, typer.Option(help="the first model package archive (.tar)")],
+    fleet_api: Annotated[
+        str | None, typer.Option(help="the fleet API to enroll with (default: the ticket's fleet_api)")
+    ] = None,
     api_port: Annotated[int, typer.Option(help="local API port (0: any free port)")] = 8081,
     api_host: Annotated[str, typer.Option(help="local API address")] = "127.0.0.1",
     probation_s: Annotated[float, typer.Option(help="seconds a new model is watched before commit")] = 30.0,
     health_interval_s: Annotated[float, typer.Option(help="seconds between health reports")] = 5.0,
 ) -> None:
-    """Prepare a data dir: config, secrets, the fleet's keys, and the first model in slot a."""
+    """Prepare a data dir: make the device's keys, enroll with the ticket's one-time token (the fleet
+    signs a certificate for the device's key), and install the first model in slot a."""
     from device.errors import DeviceError
     from device.provision import load_enrollment, provision
     from models.errors import ModelError
@@ -89,6 +93,7 @@ def device_provision(
             api_host=api_host,
             probation_s=probation_s,
             health_interval_s=health_interval_s,
+            fleet_api=fleet_api,
         )
     except (DeviceError, ModelError) as e:
         _fail(str(e))
@@ -216,7 +221,17 @@ def fleet_serve(
     http_host: Annotated[str, typer.Option(help="JSON API address")] = "127.0.0.1",
     http_port: Annotated[int, typer.Option(help="JSON API port")] = 8080,
     broker_url: Annotated[str | None, typer.Option(help="external broker; omit to run Mosquitto")] = None,
-    broker_port: Annotated[int, typer.Option(help="port of the embedded Mosquitto")] = 1883,
+    broker_port: Annotated[int, typer.Option(help="port of the embedded Mosquitto")] = 8883,
+    broker_tls: Annotated[
+        bool,
+        typer.Option(help="TLS with fleet-CA client certificates; --no-broker-tls: plain TCP, passwords"),
+    ] = True,
+    broker_name: Annotated[
+        list[str] | None, typer.Option(help="a host name or address devices use for the broker; repeat")
+    ] = None,
+    api_tls: Annotated[
+        bool, typer.Option(help="serve the JSON API over HTTPS (fleet-CA certificate)")
+    ] = False,
     chunk_size: Annotated[int, typer.Option(help="bytes per update chunk")] = 256 * 1024,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
@@ -227,7 +242,18 @@ def fleet_serve(
     _logging(verbose)
     try:
         run_server(
-            ServeOptions(data_dir, http_host, http_port, broker_url, "127.0.0.1", broker_port, chunk_size)
+            ServeOptions(
+                data_dir,
+                http_host,
+                http_port,
+                broker_url,
+                "127.0.0.1",
+                broker_port,
+                chunk_size,
+                broker_tls=broker_tls,
+                broker_names=tuple(broker_name or ()),
+                api_tls=api_tls,
+            )
         )
     except FleetError as e:
         _fail(str(e))
@@ -241,12 +267,64 @@ def fleet_device_add(
     token: TokenOpt = None,
     data_dir: FleetDirOpt = None,
 ) -> None:
-    """Register a device; its enrollment (with its broker password) is written to --out."""
-    enrollment = _client(server, token, data_dir).add_device(device_id)
+    """Register a device; its enrollment ticket (a one-time token that expires) is written to --out.
+
+    Give the ticket to the device: `edgefleet device provision --enrollment TICKET` spends it."""
+    import datetime as dt
+
+    from fleet.client import FleetApiError
     from models.fsutil import write_private
 
-    write_private(out, json.dumps(enrollment, indent=2).encode(), replace=True)
-    typer.echo(f"registered {device_id}; enrollment in {out}")
+    try:
+        ticket = _client(server, token, data_dir).add_device(device_id)
+    except FleetApiError as e:
+        _fail(str(e))
+    write_private(out, json.dumps({**ticket, "fleet_api": server}, indent=2).encode(), replace=True)
+    expires = dt.datetime.fromtimestamp(ticket["token_expires"], dt.UTC).isoformat(timespec="minutes")
+    typer.echo(f"registered {device_id}; enrollment ticket in {out} (one use, until {expires})")
+
+
+@fleet_app.command("device-token")
+def fleet_device_token(
+    device_id: str,
+    out: Annotated[Path, typer.Option(help="where to write the enrollment ticket (0600)")],
+    server: ServerOpt = "http://127.0.0.1:8080",
+    token: TokenOpt = None,
+    data_dir: FleetDirOpt = None,
+) -> None:
+    """A new enrollment ticket for a registered device (its token expired, or the device is replaced:
+    enrolling with it revokes the device's earlier certificates). Earlier unused tokens stop working."""
+    from fleet.client import FleetApiError
+    from models.fsutil import write_private
+
+    try:
+        ticket = _client(server, token, data_dir).new_token(device_id)
+    except FleetApiError as e:
+        _fail(str(e))
+    write_private(out, json.dumps({**ticket, "fleet_api": server}, indent=2).encode(), replace=True)
+    typer.echo(f"new enrollment ticket for {device_id} in {out}")
+
+
+@fleet_app.command("device-revoke")
+def fleet_device_revoke(
+    device_id: str,
+    server: ServerOpt = "http://127.0.0.1:8080",
+    token: TokenOpt = None,
+    data_dir: FleetDirOpt = None,
+) -> None:
+    """Revoke every certificate of a device; the broker drops it now and refuses it from then on."""
+    _print_json(_client(server, token, data_dir).revoke_device(device_id))
+
+
+@fleet_app.command("device-certs")
+def fleet_device_certs(
+    device_id: str,
+    server: ServerOpt = "http://127.0.0.1:8080",
+    token: TokenOpt = None,
+    data_dir: FleetDirOpt = None,
+) -> None:
+    """The certificates the fleet CA issued to a device, with their expiry and revocation."""
+    _print_json(_client(server, token, data_dir).certificates(device_id))
 
 
 @fleet_app.command("devices")

@@ -31,6 +31,7 @@ class FleetProcess:
     root: Path
     http_port: int = field(default_factory=free_port)
     broker_port: int = field(default_factory=free_port)
+    broker_tls: bool = True  # False: plain TCP with passwords (the update benchmark's simulator)
     child: Child | None = None
     client: FleetClient | None = None
 
@@ -52,6 +53,7 @@ class FleetProcess:
                 str(self.broker_port),
                 "--chunk-size",
                 str(64 * 1024),
+                "--broker-tls" if self.broker_tls else "--no-broker-tls",
             ],
             self.root.parent / "logs" / "fleet.log",
         )
@@ -85,11 +87,14 @@ class DeviceProcess:
         return f"http://127.0.0.1:{self.api_port}"
 
     def provision(self, client: FleetClient, model_archive: Path, probation_s: float = 3.0) -> None:
-        enrollment = client.add_device(self.device_id)
+        """As in the field: a ticket from the fleet, spent by the device on a certificate for its key
+        at the fleet's enrollment endpoint."""
+        ticket = client.add_device(self.device_id)
         provision(
             self.root,
-            enrollment,
+            ticket,
             model_archive,
+            fleet_api=str(client._http.base_url),  # FleetClient has no public base_url yet
             api_port=self.api_port,
             probation_s=probation_s,
             health_interval_s=1.0,
@@ -157,7 +162,8 @@ def run_demo(workdir: Path, device_count: int = 3, images: int = 40) -> dict[str
     devices = [DeviceProcess(f"line{i + 1}-cam", workdir / f"line{i + 1}-cam") for i in range(device_count)]
     try:
         client = fleet.start()
-        say(f"fleet server on {fleet.url}, managed Mosquitto on mqtt://127.0.0.1:{fleet.broker_port}")
+        scheme = "mqtts" if fleet.broker_tls else "mqtt"
+        say(f"fleet server on {fleet.url}, managed Mosquitto on {scheme}://127.0.0.1:{fleet.broker_port}")
         for version in sorted(archives):
             model = client.push_model(archives[version])
             say(f"registered {model['name']} v{model['version']} ({model['size'] / 1e6:.2f} MB)")

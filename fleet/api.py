@@ -8,18 +8,21 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
 from fleet.campaigns import Action, CampaignDriver
+from fleet.enrollment_api import add_enrollment_routes
 from fleet.errors import Conflict, InvalidRequest, NotFound
 from fleet.metrics import render
 from fleet.rollouts import Phase, Target
 from fleet.service import FleetService
 
 MAX_UPLOAD_BYTES = 1024 * 1024 * 1024
+MAX_SQL_INT = 2**63 - 1  # SQLite's INTEGER: a larger id or version is a 422 here, not an OverflowError (500)
 bearer = HTTPBearer(
     auto_error=False, description="the operator token (fleet data dir: secrets/operator-token)"
 )
@@ -27,13 +30,18 @@ bearer = HTTPBearer(
 
 class NewDevice(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    device_id: str = Field(description="lowercase id: a-z, 0-9, '-', '_'")
+    # The pattern is protocol.topics' rule, declared so clients (and schemathesis) see it; the service
+    # enforces it with its own message, so the spec carries it without pydantic checking it twice.
+    device_id: str = Field(
+        description="lowercase id: a-z, 0-9, '-', '_'",
+        json_schema_extra={"pattern": "^[a-z0-9][a-z0-9_-]{0,62}$"},
+    )
 
 
 class NewRollout(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model_name: str
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_SQL_INT)
     target: Target
     phases: list[Phase] | None = Field(default=None, description="default: canary 1, then 10%, then all")
     seed: str | None = Field(default=None, description="orders the devices (canary choice); default: the id")
@@ -61,14 +69,14 @@ class NewWindow(BaseModel):
 class DeviceRollback(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model_name: str
-    to_version: int = Field(ge=1)
+    to_version: int = Field(ge=1, le=MAX_SQL_INT)
     reason: str = Field(default="", max_length=1024)
 
 
 class NewUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model_name: str
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_SQL_INT)
     device_ids: list[str] = Field(min_length=1, max_length=100_000)
 
 
@@ -89,6 +97,7 @@ def create_app(service: FleetService, token: str, campaigns: CampaignDriver | No
             return JSONResponse({"error": str(e)}, status_code=status)
 
         app.add_exception_handler(error, handler)
+    add_enrollment_routes(app, service, Auth)  # POST /api/enroll (+ renew, tokens, revocation)
 
     @app.get("/openapi.json", dependencies=[Auth], include_in_schema=False)
     def openapi() -> dict[str, Any]:
@@ -192,7 +201,7 @@ def create_app(service: FleetService, token: str, campaigns: CampaignDriver | No
         return driver.add_window(body.group, body.cron, body.duration_minutes, body.tz)
 
     @app.delete("/api/maintenance-windows/{window_id}", dependencies=[Auth], status_code=204)
-    def remove_window(window_id: int) -> None:
+    def remove_window(window_id: Annotated[int, PathParam(ge=1, le=MAX_SQL_INT)]) -> None:
         driver.remove_window(window_id)
 
     return app

@@ -1,7 +1,10 @@
 """Mosquitto password and ACL files, generated from the fleet's device table.
 
-The password hash is Mosquitto 2's own `$7$` format (PBKDF2-SHA512), so no `mosquitto_passwd`
-process is needed per device. The ACL confines each device to `edgefleet/v1/<its id>/...`.
+With TLS (the managed broker's default) a client's user name is the common name of its certificate
+(`use_identity_as_username`): a device's id, or `FLEET_USER` for the fleet's workers. Without TLS
+(plain mode, kept for brokers that cannot do TLS) it is a user name and a password, hashed in
+Mosquitto 2's own `$7$` format (PBKDF2-SHA512), so no `mosquitto_passwd` process is needed per device.
+Either way the ACL confines each device to `edgefleet/v1/<its id>/...`.
 """
 
 import base64
@@ -10,9 +13,12 @@ import hmac
 import os
 import secrets
 
-from protocol.topics import PREFIX
+from protocol.topics import PREFIX, require_device_id
 
 FLEET_USER = "edgefleet-fleet"
+# Names the fleet keeps for its own identities: a device registered as `edgefleet-fleet` would get a
+# certificate (or a password entry) with the fleet's rights.
+RESERVED_PREFIX = "edgefleet-"
 PBKDF2_ITERATIONS = 1000
 
 
@@ -33,13 +39,22 @@ def check_password(password: str, hashed: str) -> bool:
     return hmac.compare_digest(expected.split("$")[-1], digest_b64)
 
 
+def require_device_name(device_id: str) -> str:
+    """A valid device id that is not one of the fleet's own names; ValueError saying why not."""
+    require_device_id(device_id)
+    if device_id.startswith(RESERVED_PREFIX):
+        raise ValueError(f"device ids starting with {RESERVED_PREFIX!r} are the fleet's own; choose another")
+    return device_id
+
+
 def new_password() -> str:
     return secrets.token_urlsafe(24)
 
 
 def password_file(entries: dict[str, str]) -> str:
-    """`user:hash` lines; user names are device ids, which cannot hold ':' or newlines."""
-    return "".join(f"{user}:{hashed}\n" for user, hashed in sorted(entries.items()))
+    """`user:hash` lines; user names are device ids, which cannot hold ':' or newlines. Users without
+    a hash (devices enrolled with a certificate only) get no line, so no password logs them in."""
+    return "".join(f"{user}:{hashed}\n" for user, hashed in sorted(entries.items()) if hashed)
 
 
 def acl_file() -> str:

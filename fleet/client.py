@@ -16,6 +16,10 @@ class FleetClient:
             base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout
         )
 
+    @property
+    def base_url(self) -> str:
+        return str(self._http.base_url)
+
     def close(self) -> None:
         self._http.close()
 
@@ -34,6 +38,15 @@ class FleetClient:
 
     def add_device(self, device_id: str) -> dict[str, Any]:
         return dict(self._call("POST", "/api/devices", json={"device_id": device_id}))
+
+    def new_token(self, device_id: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/api/devices/{device_id}/token"))
+
+    def revoke_device(self, device_id: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/api/devices/{device_id}/revoke"))
+
+    def certificates(self, device_id: str) -> list[dict[str, Any]]:
+        return list(self._call("GET", f"/api/devices/{device_id}/certificates"))
 
     def devices(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/api/devices"))

@@ -101,7 +101,8 @@ def open_database(url_or_path: str | Path) -> sessionmaker[Any]:
     engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
-    from fleet import rollout_db  # noqa: F401  (its tables live on the same Base; import registers them)
+    # Their tables live on the same Base; importing the modules registers them.
+    from fleet import enrollment, rollout_db  # noqa: F401
 
     Base.metadata.create_all(engine)
     return sessionmaker(engine, expire_on_commit=False)

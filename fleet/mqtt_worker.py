@@ -6,8 +6,10 @@ so each worker reads `state` with a plain one.
 """
 
 import asyncio
+import itertools
 import logging
-from collections import Counter
+import math
+from collections import Counter, deque
 from typing import TypeVar
 
 import aiomqtt
@@ -15,6 +17,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from fleet.broker_auth import FLEET_USER
+from fleet.ingest import IngestBatcher, Outcome
 from fleet.service import FleetService
 from protocol import topics
 from protocol.backoff import backoff_delay
@@ -30,7 +33,6 @@ from protocol.messages import (
     decode,
     encode,
 )
-from protocol.sealed import peek_header
 
 log = logging.getLogger(__name__)
 _Own = TypeVar("_Own", DeviceState, Health, UpdateStatus)
@@ -38,6 +40,10 @@ _Own = TypeVar("_Own", DeviceState, Health, UpdateStatus)
 
 SESSION_EXPIRY_S = 24 * 3600
 RECEIPT_INTERVAL_S = 0.2
+RECEIPT_MAX_SEQS = 10_000  # per list in one TelemetryAck (its schema's bound)
+RECEIPT_MAX_DELAY_S = 5.0  # a device waits at most this for its receipt (it resends after 15 s)
+RECEIPTS_PER_TICK = 100  # receipts sent per tick at least, when that many devices wait
+RECEIPTS_IN_FLIGHT = 64  # receipts awaiting their PUBACK at once
 
 
 def _session_properties() -> Properties:
@@ -47,7 +53,16 @@ def _session_properties() -> Properties:
 
 
 class FleetWorker:
-    def __init__(self, service: FleetService, host: str, port: int, worker_id: str = "fleet-0") -> None:
+    def __init__(
+        self,
+        service: FleetService,
+        host: str,
+        port: int,
+        worker_id: str = "fleet-0",
+        open_processes: int = 0,
+    ) -> None:
+        """`open_processes`: child processes that open sealed telemetry (0: in this process's ingest
+        thread). One worker process and its children use as many cores; so do that many workers."""
         self.service = service
         self.host = host
         self.port = port
@@ -57,6 +72,7 @@ class FleetWorker:
         # Per device: seqs stored (or already held) and seqs refused for good, not yet told to it.
         self._receipts: dict[str, tuple[list[int], list[int]]] = {}
         self._client: aiomqtt.Client | None = None
+        self.telemetry = IngestBatcher(service.telemetry_ingest, self._receipt_all, processes=open_processes)
 
     async def publish(self, topic: str, payload: bytes, qos: int) -> None:
         await asyncio.wait_for(self.connected.wait(), 30)
@@ -64,11 +80,13 @@ class FleetWorker:
         await self._client.publish(topic, payload, qos=qos)
 
     async def run(self) -> None:
-        receipts = asyncio.create_task(self._receipt_loop())
+        helpers = [asyncio.create_task(self._receipt_loop()), asyncio.create_task(self.telemetry.run())]
         try:
             await self._connect_loop()
         finally:
-            receipts.cancel()
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
 
     async def _receipt_loop(self) -> None:
         """Tell devices which records are stored, a few times a second, so their outboxes drain."""
@@ -78,21 +96,46 @@ class FleetWorker:
                 await self._send_receipts()
 
     async def _send_receipts(self) -> None:
-        receipts, self._receipts = self._receipts, {}
-        for device_id, (stored, refused) in receipts.items():
-            ack = TelemetryAck(stored=stored, refused=refused)
-            try:
-                await self.publish(topics.device_topic(device_id, topics.CMD_TELEMETRY_ACK), encode(ack), 1)
-            except (aiomqtt.MqttError, TimeoutError) as e:  # the device resends; we receipt it then
-                log.info("receipt to %s not sent (%s)", device_id, e)
+        """Receipts for the devices waiting longest: every device within RECEIPT_MAX_DELAY_S, and no
+        more per tick than that needs (at least RECEIPTS_PER_TICK). A receipt costs the worker and the
+        broker about what a record does, so under load each one carries more seqs instead of more
+        receipts going out. RECEIPTS_IN_FLIGHT at once: one at a time would wait a round trip through
+        a busy event loop per device; all at once costs aiomqtt bookkeeping that grows with the
+        number pending (and a warning logged per publish past its threshold, raised here)."""
+        due = max(
+            RECEIPTS_PER_TICK, math.ceil(len(self._receipts) * RECEIPT_INTERVAL_S / RECEIPT_MAX_DELAY_S)
+        )
+        queue: deque[tuple[str, list[int], list[int]]] = deque()
+        for device_id in list(itertools.islice(self._receipts, due)):  # oldest first: insertion order
+            stored, refused = self._receipts.pop(device_id)
+            for i in range(0, max(len(stored), len(refused)), RECEIPT_MAX_SEQS):
+                queue.append((device_id, stored[i : i + RECEIPT_MAX_SEQS], refused[i : i + RECEIPT_MAX_SEQS]))
 
-    def _receipt(self, device_id: str, seq: int, outcome: str) -> None:
-        """Stored and duplicate records are receipted, refused ones too (the device counts them);
-        deferred ones are not, so the device sends them again later."""
-        if outcome.startswith("deferred"):
-            return
-        stored, refused = self._receipts.setdefault(device_id, ([], []))
-        (refused if outcome.startswith("rejected") else stored).append(seq)
+        async def send() -> None:
+            while queue:
+                await self._send_receipt(*queue.popleft())
+
+        if self._client is not None:  # aiomqtt warns past 10 pending calls by default
+            threshold = max(self._client.pending_calls_threshold, RECEIPTS_IN_FLIGHT + 16)
+            self._client.pending_calls_threshold = threshold
+
+        await asyncio.gather(*(send() for _ in range(RECEIPTS_IN_FLIGHT)))
+
+    async def _send_receipt(self, device_id: str, stored: list[int], refused: list[int]) -> None:
+        ack = TelemetryAck(stored=stored, refused=refused)
+        try:
+            await self.publish(topics.device_topic(device_id, topics.CMD_TELEMETRY_ACK), encode(ack), 1)
+        except (aiomqtt.MqttError, TimeoutError) as e:  # the device resends; we receipt it then
+            log.info("receipt to %s not sent (%s)", device_id, e)
+
+    def _receipt_all(self, outcomes: list[Outcome]) -> None:
+        """A committed batch's receipts. Stored and duplicate records are receipted, refused ones
+        too (the device counts them); deferred ones are not, so the device sends them again later."""
+        for outcome in outcomes:
+            kind = outcome.receipt
+            if kind is not None and outcome.seq is not None:
+                stored, refused = self._receipts.setdefault(outcome.device_id, ([], []))
+                (stored if kind == "stored" else refused).append(outcome.seq)
 
     async def _connect_loop(self) -> None:
         attempt = 0
@@ -110,12 +153,16 @@ class FleetWorker:
             attempt += 1
 
     async def _session(self) -> None:
+        tls = self.service.broker_url.startswith("mqtts:")
         async with aiomqtt.Client(
             self.host,
             self.port,
             identifier=f"edgefleet-{self.worker_id}",
             username=FLEET_USER,
-            password=self.service.fleet_mqtt_password,
+            # TLS (mqtts://): the workers' certificate from the fleet CA (CN = FLEET_USER) is the
+            # credential and the broker is checked against the CA; plain mode: the password.
+            password=None if tls else self.service.fleet_mqtt_password,
+            tls_context=await asyncio.to_thread(self.service.data.ca().fleet_client_context) if tls else None,
             protocol=aiomqtt.ProtocolVersion.V5,
             keepalive=15,
             # A persistent session: while this worker restarts, the broker keeps its QoS 1 messages.
@@ -150,10 +197,8 @@ class FleetWorker:
             elif leaf == topics.UPDATE_STATUS:
                 self.service.on_update_status(device_id, self._own(device_id, decode(UpdateStatus, payload)))
             elif leaf == topics.TELEMETRY:
-                outcome = await asyncio.to_thread(self.service.on_telemetry, device_id, payload)
-                _, sender, seq = peek_header(payload)
-                if sender == device_id:
-                    self._receipt(device_id, seq, outcome)
+                # Receipted once its batch is committed (IngestBatcher -> _receipt_all).
+                self.telemetry.put(device_id, payload)
             elif leaf == topics.CHUNK_REQUEST:
                 request = decode(ChunkRequest, payload)
                 frame = self.service.chunk_for(device_id, request)

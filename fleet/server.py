@@ -35,6 +35,10 @@ class ServeOptions:
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     retention_interval_s: float = 3600.0
     broker_check_s: float = 2.0
+    # The managed broker speaks TLS with fleet-CA client certificates; False: plain TCP with passwords.
+    broker_tls: bool = True
+    broker_names: tuple[str, ...] = ()  # host names/addresses devices use for the broker (its cert's SAN)
+    api_tls: bool = False  # serve the API over HTTPS with a fleet-CA certificate (tickets carry the CA)
 
 
 class _Server(uvicorn.Server):
@@ -50,8 +54,9 @@ async def serve(options: ServeOptions, stop: asyncio.Event) -> None:
     data.make_dirs()
     broker: ManagedBroker | None = None
     if options.broker_url is None:
+        tls = data.ca().broker_tls(options.broker_names) if options.broker_tls else None
         broker = ManagedBroker(
-            data.broker, options.broker_host, options.broker_port, data.password_file, data.acl_file
+            data.broker, options.broker_host, options.broker_port, data.password_file, data.acl_file, tls
         )
         broker_url = broker.url
     else:
@@ -60,15 +65,23 @@ async def serve(options: ServeOptions, stop: asyncio.Event) -> None:
     service.write_broker_auth()
     if broker is not None:
         await asyncio.to_thread(broker.start)
-        service.on_credentials_changed = broker.reload
+        service.on_credentials_changed = broker.reload_soon
     parsed = urlparse(broker_url)
-    worker = FleetWorker(service, parsed.hostname or "127.0.0.1", parsed.port or 1883)
+    default_port = 8883 if parsed.scheme == "mqtts" else 1883
+    worker = FleetWorker(service, parsed.hostname or "127.0.0.1", parsed.port or default_port)
     service.publish = worker.publish
     campaigns = CampaignDriver(service)
     app = create_app(service, data.secret("operator-token"), campaigns)
+    api_cert, api_key = _api_tls(data, options)
     server = _Server(
         uvicorn.Config(
-            app, host=options.http_host, port=options.http_port, log_level="warning", access_log=False
+            app,
+            host=options.http_host,
+            port=options.http_port,
+            log_level="warning",
+            access_log=False,
+            ssl_certfile=api_cert,
+            ssl_keyfile=api_key,
         )
     )
     tasks = [asyncio.create_task(worker.run(), name="mqtt"), asyncio.create_task(server.serve(), name="http")]
@@ -93,6 +106,13 @@ async def serve(options: ServeOptions, stop: asyncio.Event) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
         if broker is not None:
             broker.stop()
+
+
+def _api_tls(data: FleetDataDir, options: ServeOptions) -> tuple[Path | None, Path | None]:
+    """The API's certificate and key with `api_tls` (devices check it against their ticket's CA)."""
+    if not options.api_tls:
+        return None, None
+    return data.ca().api_tls((options.http_host, *options.broker_names))
 
 
 async def _prune_forever(service: FleetService, options: ServeOptions) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from fleet.ca import FleetCA
 from models.fsutil import write_private
 
 
@@ -19,6 +20,8 @@ class FleetDataDir:
         self.telemetry_key_path = self.secrets / "telemetry-x25519.pem"
         self.password_file = self.broker / "passwd"
         self.acl_file = self.broker / "acl"
+        # The fleet CA: its key, certificate and CRL, and the broker's and workers' own certificates.
+        self.ca_dir = self.secrets / "ca"
 
     def make_dirs(self) -> None:
         for folder in (self.root, self.artifacts, self.broker):
@@ -37,6 +40,11 @@ class FleetDataDir:
         if not isinstance(loaded, X25519PrivateKey):
             raise ValueError(f"{self.telemetry_key_path} is not an X25519 private key")
         return loaded
+
+    def ca(self) -> FleetCA:
+        """The fleet's CA, made on first use (keys 0600 under secrets/ca/)."""
+        self.make_dirs()
+        return FleetCA(self.ca_dir)
 
     def secret(self, name: str) -> str:
         """A generated secret, made on first use and kept 0600 in the data dir."""

@@ -1,6 +1,7 @@
 """Durability helpers shared by everything that writes files a power cut must not tear."""
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -11,6 +12,21 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_private(path: Path, data: bytes) -> None:
+    """Replace `path` (0600) by a rename, so a reader sees the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_private(path: Path, data: bytes, *, replace: bool = False) -> None:

@@ -1,17 +1,23 @@
-"""Delta codec benchmark: this codec vs zstd --patch-from, xdelta3, bsdiff4 and plain zstd.
+"""Delta codec benchmark on the corpus of build_corpus.py, side by side with generic tools.
 
-    .venv/bin/python bench/delta/bench_delta.py [--big] [--runs 3]
+    nice -n 10 .venv/bin/python bench/delta/bench_delta.py [--runs 3] [--pairs minilm-full,...]
 
-For each pair: delta size as % of the new file, encode and apply seconds, and apply peak RSS (its
-own subprocess, measured with os.wait4), medians over the runs; every apply is checked byte for
-byte. Also an estimate of the update's entropy floor: per tensor, the order-0 entropy of each byte
-plane of the wrapping integer difference (unchanged tensors cost 0), plus the gap stream as coded.
-Prints a markdown table and writes bench/delta/results.json.
+Tools: this codec (zstd level 19 by default), bsdiff4, `xdelta3 -9`, `zstd -19 --long --patch-from`
+and `zstd -19` of the new file alone. Per pair and tool: delta size as % of the new file, encode
+seconds, apply seconds (wall and CPU = user + sys) and apply peak RSS, each apply in its own
+process under /usr/bin/time (wait4's ru_maxrss of that process alone). Every apply is checked
+byte for byte against the new file. Sizes are deterministic, so each tool encodes once per pair
+(¹ in the table), except this codec on the full MiniLM fine-tune, whose encode time is a goal: the
+median of --runs. Applies are medians of --runs for every tool; bsdiff4 skips files over 32 MiB.
+Beside each pair: estimates of the entropy floor (bench/delta/floor.py). Prints markdown and
+writes bench/delta/results.json.
 """
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -19,240 +25,349 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-
-ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
 
-from models.delta import encode, info  # noqa: E402
-from models.delta.format import Transform  # noqa: E402
-from models.delta.onnx_scan import find_initializers  # noqa: E402
-from models.delta.transforms import forward  # noqa: E402
+from floor import entropy_floor  # noqa: E402
+
+from models.delta import info  # noqa: E402
 
 PY = sys.executable
-ZOO = ROOT / "models" / "zoo" / "surface_defect"
+CORPUS = HERE / ".corpus"
+# bsdiff4 needs ~17x the file in memory and minutes per 90 MB on two cores: the 90 MB pairs skip it.
+BSDIFF_MAX_BYTES = 32 * 1024 * 1024
 
 
-def run(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (KiB) of one command, measured by /usr/bin/time in its own process
-    (a child forked from this big Python would inherit its high-water mark in ru_maxrss)."""
-    with tempfile.NamedTemporaryFile("r") as rss:
+@dataclass(frozen=True)
+class Pair:
+    key: str
+    label: str
+    old: str
+    new: str
+    goal: str
+    time_encode: bool = False  # our encode timed --runs times (a goal); else once, like the others
+
+
+PAIRS = [
+    Pair("cnn", "sample CNN fine-tuned (surface_defect v1 -> v2)", "cnn_v1.onnx", "cnn_v2.onnx", "< generic"),
+    Pair(
+        "minilm-full", "MiniLM, every layer fine-tuned", "minilm_v1.onnx", "minilm_full.onnx", "<= 36%", True
+    ),
+    Pair(
+        "minilm-full-ext",
+        "MiniLM, every layer fine-tuned, external data file",
+        "ext_v1/model.onnx.data",
+        "ext_full/model.onnx.data",
+        "<= 36%",
+    ),
+    Pair("minilm-last1", "MiniLM, last layer + pooler tuned", "minilm_v1.onnx", "minilm_last1.onnx", "<= 8%"),
+    Pair(
+        "minilm-last2", "MiniLM, last 2 layers + pooler tuned", "minilm_v1.onnx", "minilm_last2.onnx", "(8%)"
+    ),
+    Pair(
+        "minilm-int8",
+        "MiniLM int8 re-quantised (v1 int8 -> full-tune int8)",
+        "minilm_v1_int8.onnx",
+        "minilm_full_int8.onnx",
+        "<= 8%",
+    ),
+    Pair(
+        "cnn-int8",
+        "sample CNN int8 re-quantised (v1 -> v2)",
+        "cnn_v1_int8.onnx",
+        "cnn_v2_int8.onnx",
+        "< generic",
+    ),
+    Pair(
+        "minilm-reexport",
+        "MiniLM re-exported, graph changes only",
+        "minilm_v1.onnx",
+        "minilm_v1_reexport.onnx",
+        "<= 8%",
+    ),
+    Pair("unrelated-to-minilm", "unrelated: CNN -> MiniLM", "cnn_v2.onnx", "minilm_v1.onnx", "<= 84%"),
+    Pair("unrelated-to-cnn", "unrelated: MiniLM -> CNN", "minilm_v1.onnx", "cnn_v2.onnx", "<= 84%"),
+]
+
+
+@dataclass(frozen=True)
+class Measured:
+    wall_s: float
+    cpu_s: float
+    peak_rss_kib: int
+
+
+def run(cmd: list[str]) -> Measured:
+    """One command in its own process under /usr/bin/time: wall, CPU (user + sys) and peak RSS."""
+    with tempfile.NamedTemporaryFile("r") as stats:
         start = time.perf_counter()
         proc = subprocess.run(
-            ["/usr/bin/time", "-f", "%M", "-o", rss.name, *cmd],
+            ["/usr/bin/time", "-f", "%M %U %S", "-o", stats.name, *cmd],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        elapsed = time.perf_counter() - start
+        wall = time.perf_counter() - start
         if proc.returncode:
-            raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}): {proc.stderr.decode()[-500:]}")
-        return elapsed, int(rss.read().split()[-1])
+            raise RuntimeError(f"{cmd[:3]} failed ({proc.returncode}): {proc.stderr.decode()[-800:]}")
+        rss, user, sys_s = stats.read().split()[-3:]
+        return Measured(wall, float(user) + float(sys_s), int(rss))
 
 
-def long_flag(size: int) -> str:
+def _long(size: int) -> str:
     return f"--long={max(10, min(30, math.ceil(math.log2(max(size, 2))) + 1))}"
 
 
-def tools(level: int) -> dict[str, tuple[Callable[[Path, Path, Path], list[str]], Callable[..., list[str]]]]:
-    py_apply = (
-        "import sys; from pathlib import Path as P; from models.delta import apply;"
-        " apply(*map(P, sys.argv[1:]))"
-    )
-    py_encode = (
+Cmd = Callable[[Path, Path, Path, int], list[str]]
+
+
+def tools(level: int) -> dict[str, tuple[Cmd, Cmd]]:
+    """name -> (encode(old, new, delta, size), apply(old, delta, out, size)) command lines."""
+    ours_enc = (
         "import sys; from pathlib import Path as P; from models.delta import encode;"
         f" encode(*map(P, sys.argv[1:]), level={level})"
+    )
+    ours_app = (
+        "import sys; from pathlib import Path as P; from models.delta import apply;"
+        " apply(*map(P, sys.argv[1:]))"
     )
     bs_enc = "import sys, bsdiff4; bsdiff4.file_diff(*sys.argv[1:])"
     bs_app = "import sys, bsdiff4; bsdiff4.file_patch(sys.argv[1], sys.argv[3], sys.argv[2])"
     return {
         f"edgefleet delta (zstd {level})": (
-            lambda o, n, d: [PY, "-c", py_encode, str(o), str(n), str(d)],
-            lambda o, d, out, size: [PY, "-c", py_apply, str(o), str(d), str(out)],
+            lambda o, n, d, s: [PY, "-c", ours_enc, str(o), str(n), str(d)],
+            lambda o, d, out, s: [PY, "-c", ours_app, str(o), str(d), str(out)],
+        ),
+        "bsdiff4": (
+            lambda o, n, d, s: [PY, "-c", bs_enc, str(o), str(n), str(d)],
+            lambda o, d, out, s: [PY, "-c", bs_app, str(o), str(d), str(out)],
+        ),
+        "xdelta3 -9": (
+            lambda o, n, d, s: ["xdelta3", "-9", "-e", "-f", "-s", str(o), str(n), str(d)],
+            lambda o, d, out, s: ["xdelta3", "-d", "-f", "-s", str(o), str(d), str(out)],
         ),
         "zstd -19 --long --patch-from": (
-            lambda o, n, d: [
+            lambda o, n, d, s: [
                 "zstd",
                 "-q",
                 "-f",
                 "-19",
-                long_flag(n.stat().st_size),
+                _long(s),
                 f"--patch-from={o}",
                 str(n),
                 "-o",
                 str(d),
             ],
-            lambda o, d, out, size: [
+            lambda o, d, out, s: [
                 "zstd",
                 "-q",
                 "-f",
                 "-d",
-                long_flag(size),
+                _long(s),
                 f"--patch-from={o}",
                 str(d),
                 "-o",
                 str(out),
             ],
         ),
-        "xdelta3 -9": (
-            lambda o, n, d: ["xdelta3", "-9", "-e", "-f", "-s", str(o), str(n), str(d)],
-            lambda o, d, out, size: ["xdelta3", "-d", "-f", "-s", str(o), str(d), str(out)],
-        ),
-        "bsdiff4": (
-            lambda o, n, d: [PY, "-c", bs_enc, str(o), str(n), str(d)],
-            lambda o, d, out, size: [PY, "-c", bs_app, str(o), str(d), str(out)],
-        ),
         "zstd -19 (new file alone)": (
-            lambda o, n, d: ["zstd", "-q", "-f", "-19", str(n), "-o", str(d)],
-            lambda o, d, out, size: ["zstd", "-q", "-f", "-d", str(d), "-o", str(out)],
+            lambda o, n, d, s: ["zstd", "-q", "-f", "-19", str(n), "-o", str(d)],
+            lambda o, d, out, s: ["zstd", "-q", "-f", "-d", str(d), "-o", str(out)],
         ),
     }
 
 
-def entropy_floor(old: Path, new: Path, gap_coded: int) -> int:
-    """Bytes: order-0 entropy of the byte planes of (new - old) per matched tensor, plus the rest."""
-    a, b = old.read_bytes(), new.read_bytes()
-    old_spans = {s.name: s for s in find_initializers(a)}
-    total = 0.0
-    for s in find_initializers(b):
-        o = old_spans.get(s.name)
-        data = b[s.offset : s.offset + s.length]
-        base = a[o.offset : o.offset + o.length] if o and o.length == s.length else None
-        if base == data:
-            continue
-        coded = forward(Transform.SUB if base else Transform.PLANES, s.width, data, base)
-        plane = len(coded) // s.width
-        for k in range(s.width):
-            counts = np.bincount(np.frombuffer(coded[k * plane : (k + 1) * plane], np.uint8), minlength=256)
-            p = counts[counts > 0] / plane
-            total += float(-(p * np.log2(p)).sum()) * plane / 8
-    return int(total) + gap_coded
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
-def big_pair(folder: Path, params: int = 4_000_000) -> tuple[Path, Path]:
-    """A synthetic ONNX 'fine-tune': float32 weights, v2 = v1 + noise 1e-3 relative, a few frozen."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    shapes = [(params // 8,), (params // 4,), (params // 2,), (params // 8,)]
-    w1 = [rng.standard_normal(s, dtype=np.float32) * 0.05 for s in shapes]
-    w2 = [w + rng.standard_normal(w.shape, dtype=np.float32) * 5e-5 if i else w for i, w in enumerate(w1)]
-    paths = []
-    for name, ws in (("big_v1.onnx", w1), ("big_v2.onnx", w2)):
-        inits = [numpy_helper.from_array(w, f"layer{i}.weight") for i, w in enumerate(ws)]
-        node = helper.make_node("Identity", ["x"], ["y"])
-        x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
-        y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
-        model = helper.make_model(helper.make_graph([node], "big", [x], [y], initializer=inits))
-        onnx.save(model, str(folder / name))
-        paths.append(folder / name)
-    return paths[0], paths[1]
-
-
-def bench_pair(label: str, old: Path, new: Path, runs: int, level: int, work: Path) -> dict[str, object]:
-    size = new.stat().st_size
-    expected = new.read_bytes()
+def bench_pair(
+    pair: Pair, corpus: Path, runs: int, level: int, work: Path, only_ours: bool = False
+) -> dict[str, object]:
+    old, new = corpus / pair.old, corpus / pair.new
+    size, want = new.stat().st_size, _sha256(new)
     rows = []
+    ours = ""
     for tool, (enc, app) in tools(level).items():
-        if tool == "bsdiff4" and size > 64 * 1024 * 1024:
+        if (tool == "bsdiff4" and size > BSDIFF_MAX_BYTES) or (
+            only_ours and not tool.startswith("edgefleet")
+        ):
             continue
-        sizes, enc_s, app_s, rss = [], [], [], []
+        delta, out = work / "delta", work / "out"
+        encodes = []
+        for _ in range(runs if tool.startswith("edgefleet") and pair.time_encode else 1):
+            delta.unlink(missing_ok=True)
+            encodes.append(run(enc(old, new, delta, size)))
+        delta_bytes = delta.stat().st_size
+        if tool.startswith("edgefleet"):
+            ours = json.dumps(info(delta).target_bytes_by)
+        applies = []
         for _ in range(runs):
-            d, out = work / "delta", work / "out"
-            for p in (d, out):
-                p.unlink(missing_ok=True)
-            t, _ = run(enc(old, new, d))
-            enc_s.append(t)
-            sizes.append(d.stat().st_size)
-            t, kib = run(app(old, d, out, size))
-            app_s.append(t)
-            rss.append(kib)
-            if out.read_bytes() != expected:
+            out.unlink(missing_ok=True)
+            applies.append(run(app(old, delta, out, size)))
+            if _sha256(out) != want:
                 raise SystemExit(f"{tool}: apply did not rebuild {new} byte for byte")
         rows.append(
             {
                 "tool": tool,
-                "delta_bytes": int(statistics.median(sizes)),
-                "delta_pct": 100 * statistics.median(sizes) / size,
-                "encode_s": statistics.median(enc_s),
-                "apply_s": statistics.median(app_s),
-                "apply_peak_rss_mib": statistics.median(rss) / 1024,
+                "delta_bytes": delta_bytes,
+                "delta_pct": 100 * delta_bytes / size,
+                "encode_s": statistics.median(m.wall_s for m in encodes),
+                "encode_runs": len(encodes),
+                "apply_s": statistics.median(m.wall_s for m in applies),
+                "apply_cpu_s": statistics.median(m.cpu_s for m in applies),
+                "apply_peak_rss_mib": statistics.median(m.peak_rss_kib for m in applies) / 1024,
             }
         )
-    encode(old, new, work / "ours", level=level)
-    gap_coded = _gap_stream_bytes(work / "ours")
-    floor = entropy_floor(old, new, gap_coded)
-    baseline = run([PY, "-c", "import models.delta, numpy, zstandard"])[1] / 1024
+        print(f"  {tool}: {rows[-1]['delta_pct']:.2f}%", flush=True)
+    floor = entropy_floor(old, new)
     return {
-        "pair": label,
+        "pair": pair.key,
+        "label": pair.label,
+        "goal": pair.goal,
         "new_bytes": size,
         "rows": rows,
-        "entropy_floor_bytes": floor,
-        "entropy_floor_pct": 100 * floor / size,
-        "transforms": info(work / "ours").target_bytes_by,
-        "python_import_rss_mib": baseline,
+        "floor": floor,
+        "our_target_bytes_by": ours,
     }
 
 
-def _gap_stream_bytes(delta: Path) -> int:
-    """The coded size of the gap stream (graph, framing) inside one of our deltas."""
-    from models.delta.apply import _open, _records
-    from models.delta.format import Op
-
-    with delta.open("rb") as f:
-        header, r = _open(f, 1 << 62)
-        return sum(
-            rec.payload_len for rec in _records(r, header, lambda _o, _n: None) if rec.op is Op.GAPSTREAM
-        )
+def _pct(value: float) -> str:
+    return f"{value:.4f}" if value < 0.1 else f"{value:.2f}"
 
 
-def table(result: dict[str, object]) -> str:
+def table(results: list[dict[str, object]]) -> str:
     lines = [
-        f"### {result['pair']} (new file {result['new_bytes']} bytes)",
-        "",
-        "| tool | delta bytes | % of new | encode s | apply s | apply peak RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| pair | tool | delta bytes | % of new | encode s | apply s | apply CPU s | apply peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    rows = result["rows"]
-    assert isinstance(rows, list)
-    for r in rows:
+    for res in results:
+        rows = res["rows"]
+        assert isinstance(rows, list)
+        best = min(r["delta_bytes"] for r in rows[1:]) if len(rows) > 1 else None
+        for i, r in enumerate(rows):
+            label = f"{res['label']} ({res['new_bytes'] / 1e6:.1f} MB)" if i == 0 else ""
+            pct = f"**{_pct(r['delta_pct'])}**" if i == 0 else _pct(r["delta_pct"])
+            if i and r["delta_bytes"] == best:
+                pct += " (best generic)"
+            enc = f"{r['encode_s']:.2f}" + ("" if r["encode_runs"] > 1 else "¹")
+            lines.append(
+                f"| {label} | {r['tool']} | {r['delta_bytes']} | {pct} | {enc} | {r['apply_s']:.2f} "
+                f"| {r['apply_cpu_s']:.2f} | {r['apply_peak_rss_mib']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def floors(results: list[dict[str, object]]) -> str:
+    lines = [
+        "| pair | goal | ours % | best generic % | order-0 floor % | context floor % |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for res in results:
+        rows, floor = res["rows"], res["floor"]
+        assert isinstance(rows, list) and isinstance(floor, dict)
+        best = min((r["delta_pct"] for r in rows[1:]), default=float("nan"))
         lines.append(
-            f"| {r['tool']} | {r['delta_bytes']} | {r['delta_pct']:.2f} | {r['encode_s']:.3f} "
-            f"| {r['apply_s']:.3f} | {r['apply_peak_rss_mib']:.1f} |"
+            f"| {res['label']} | {res['goal']} | {_pct(rows[0]['delta_pct'])} | {_pct(best)} "
+            f"| {_pct(floor['order0_pct'])} | {_pct(floor['context_pct'])} |"
         )
-    lines += [
-        "",
-        f"entropy floor estimate: {result['entropy_floor_bytes']} bytes ({result['entropy_floor_pct']:.2f}%);"
-        f" our transforms: {result['transforms']};"
-        f" a bare python with numpy+zstandard imported: {result['python_import_rss_mib']:.1f} MiB",
-    ]
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description="delta codec vs generic tools on the corpus")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--level", type=int, default=19)
-    parser.add_argument("--big", action="store_true", help="also a synthetic 16 MB ONNX fine-tune pair")
+    parser.add_argument("--corpus", type=Path, default=CORPUS)
+    parser.add_argument("--pairs", default=",".join(p.key for p in PAIRS), help="comma-separated keys")
+    parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    parser.add_argument("--markdown", default=str(HERE / "RESULTS.md"), help="'' to skip")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        help="measure only this codec; take the other tools' rows from this results.json",
+    )
+    parser.add_argument("--render", type=Path, help="only write the markdown of an earlier results.json")
     args = parser.parse_args()
+    if args.render:
+        done = json.loads(args.render.read_text())
+        markdown = report(done["results"], done["command"], args.runs)
+        Path(args.markdown).write_text(markdown)
+        print(markdown)
+        return
     for exe in ("zstd", "xdelta3"):
         if not shutil.which(exe):
             raise SystemExit(f"{exe} is missing: apt-get install {exe}")
+    chosen = [p for p in PAIRS if p.key in args.pairs.split(",")]
+    missing = [p.new for p in chosen if not (args.corpus / p.new).exists()]
+    if missing:
+        raise SystemExit(f"{missing} not in {args.corpus}: build it with bench/delta/build_corpus.py first")
     results = []
+    command = ("nice -n 10 .venv/bin/python bench/delta/bench_delta.py " + " ".join(sys.argv[1:])).strip()
+    earlier: dict[str, dict[str, Any]] = {}
+    if args.merge is not None:
+        merged = json.loads(args.merge.read_text())
+        earlier = {r["pair"]: r for r in merged["results"]}
+        command += f"`, the other tools' rows from `{merged['command']}"
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        pairs = [("surface-defect v1 -> v2", ZOO / "v1" / "model.onnx", ZOO / "v2" / "model.onnx")]
-        if args.big:
-            pairs.append(("synthetic 16 MB fine-tune v1 -> v2", *big_pair(work)))
-        for label, old, new in pairs:
-            result = bench_pair(label, old, new, args.runs, args.level, work)
-            print(table(result) + "\n", flush=True)
+        for pair in chosen:
+            print(f"{pair.label}", flush=True)
+            result = bench_pair(pair, args.corpus, args.runs, args.level, Path(tmp), args.merge is not None)
+            if pair.key in earlier:  # the generic tools' rows: they do not depend on this codec
+                rows = earlier[pair.key]["rows"]
+                result["rows"] += [r for r in rows if not r["tool"].startswith("edgefleet")]  # type: ignore[operator]
             results.append(result)
-    out = Path(__file__).with_name("results.json")
-    out.write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=2) + "\n")
-    print(f"wrote {out}")
+            # after each pair, so a long run that is stopped keeps what it measured
+            args.out.write_text(json.dumps({"command": command, "results": results}, indent=2) + "\n")
+    markdown = report(results, command, args.runs)
+    print(markdown)
+    args.out.write_text(json.dumps({"command": command, "results": results}, indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown)
+    print(f"wrote {args.out}" + (f" and {args.markdown}" if args.markdown else ""))
+
+
+def report(results: list[dict[str, object]], command: str, runs: int) -> str:
+    corpus = CORPUS / "report.json"
+    tunes = json.loads(corpus.read_text()) if corpus.exists() else {}
+    lines = [
+        "## Model deltas (issue #4)",
+        "",
+        f"Made by `{command}` on {os.cpu_count()} shared cores, after",
+        "`nice -n 10 /tmp/delta-corpus-venv/bin/python bench/delta/build_corpus.py` built the corpus",
+        "(see its docstring). Sizes are exact; times are medians of "
+        f"{runs} runs (¹: one encode; sizes do not vary). Apply CPU = user + sys of the whole apply",
+        "process, Python start-up and imports included; peak RSS = that process's ru_maxrss. Every",
+        "apply was checked byte for byte.",
+        "",
+        table(results),
+        "",
+        "Goals and entropy floors (bench/delta/floor.py: order 0 = each changed tensor's best",
+        "transform, byte planes, order-0 entropy per plane; context = the same given the base",
+        "element's exponent byte; plus the graph bytes as zstd codes them):",
+        "",
+        floors(results),
+    ]
+    for name in ("full", "last1", "last2"):
+        t = tunes.get(name)
+        if isinstance(t, dict):
+            held, before = t.get("held_out", {}), tunes.get("v1_held_out", {})
+            lines.append(
+                f"\nFine-tune `{name}`: {t['steps']} AdamW steps (lr {t['lr']}, batch {t['batch']}),"
+                f" {t['trainable_params']} trainable parameters,"
+                f" loss {t['loss_first_25']} -> {t['loss_last_25']},"
+                f" held-out top-1 retrieval {before.get('top1')} -> {held.get('top1')}."
+            )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ import asyncio
 import hmac
 import json
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
@@ -38,6 +38,7 @@ from device.api.metrics import render
 from device.api.ratelimit import FailedLoginLimiter
 from device.api.v2 import (
     HEADER_LENGTH,
+    InferRequest,
     RequestSchemaError,
     encode_infer_response,
     model_metadata,
@@ -56,6 +57,29 @@ INFER_DOC = (
     "`parameters.binary_data_size` per input, `binary_data` per output or `binary_data_output`)."
 )
 bearer = HTTPBearer(auto_error=False, description="the device's API token (secrets/api-token)")
+
+
+def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
+    """`node` with each `{"$ref": "#/$defs/X"}` replaced by X: pydantic's local refs mean nothing
+    inside an OpenAPI operation, and the infer models are small and not recursive."""
+    if isinstance(node, dict):
+        if "$ref" in node:
+            return _inline_refs(defs[node["$ref"].rsplit("/", 1)[1]], defs)
+        return {k: _inline_refs(v, defs) for k, v in node.items() if k != "$defs"}
+    if isinstance(node, list):
+        return [_inline_refs(v, defs) for v in node]
+    return node
+
+
+_INFER_SCHEMA = InferRequest.model_json_schema()
+# The route reads the raw body itself (JSON, or JSON + binary tensors), so FastAPI cannot derive the
+# body from a parameter; declared here, clients and fuzzers see the JSON form.
+INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": _inline_refs(_INFER_SCHEMA, _INFER_SCHEMA["$defs"])}},
+    }
+}
 
 # One infer call: model name, version or None, request headers, raw body -> body, JSON part's length.
 InferCall = Callable[[str, str | None, Mapping[str, str], bytes], Awaitable[tuple[bytes, int | None]]]
@@ -164,6 +188,7 @@ def create_app(
     token: str,
     metrics_extra: Callable[[], dict[str, Any]] = dict,
     limiter: FailedLoginLimiter | None = None,
+    routers: Sequence[APIRouter] = (),
 ) -> Any:
     authorize = token_checker(token, limiter or FailedLoginLimiter())
     app = FastAPI(title="edgefleet device", version="1", docs_url=None, redoc_url=None, openapi_url=None)
@@ -191,6 +216,9 @@ def create_app(
         UnsupportedEncoding,
     ):
         app.add_exception_handler(handled, answer_error)
+
+    for extra in routers:  # e.g. device/api/updates.py: line state and rollback, behind the same auth
+        app.include_router(extra, dependencies=[Auth])
 
     @app.get("/openapi.json", dependencies=[Auth], include_in_schema=False)
     def openapi() -> dict[str, Any]:
@@ -252,8 +280,10 @@ def create_app(
         outputs = await asyncio.wrap_future(engine.submit(serving, parsed.inputs))
         return encode_infer_response(serving, outputs, parsed)
 
-    @app.post("/v2/models/{name}/infer", dependencies=[Auth], description=INFER_DOC)
-    @app.post("/v2/models/{name}/versions/{version}/infer", dependencies=[Auth], description=INFER_DOC)
+    infer_doc: dict[str, Any] = {"description": INFER_DOC, "openapi_extra": INFER_BODY}
+
+    @app.post("/v2/models/{name}/infer", dependencies=[Auth], **infer_doc)
+    @app.post("/v2/models/{name}/versions/{version}/infer", dependencies=[Auth], **infer_doc)
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
         content, json_length = await run_infer(name, version, request.headers, await request.body())
         if json_length is None:

@@ -1,7 +1,8 @@
 """The decoder: `apply` and `info`. Runs on devices: no `onnx`, bounded memory, nothing half-written.
 
 Before decoding, the delta's trailer hash, its header and the base file's sha256 are checked; while
-decoding, every record is checked against the header's sizes and limits and every zstd frame is
+decoding, every record is checked against the header's sizes and limits; a tensor's zstd frame
+must declare its size and is decoded in one shot into a buffer of that size, the gap stream is
 read through a capped reader, so a crafted delta can neither expand without bound nor write
 outside the declared target size. The output is written to a temp file beside `out`, fsynced, and
 renamed into place only if its sha256 is the header's.
@@ -18,6 +19,7 @@ import zstandard
 
 from models.delta.errors import DeltaError
 from models.delta.format import (
+    BASED,
     CHUNK_BYTES,
     TRAILER_LEN,
     TRAILER_MAGIC,
@@ -31,7 +33,7 @@ from models.delta.format import (
     parse_header,
     read_record,
 )
-from models.delta.transforms import inverse
+from models.delta.transforms import combine, join_into
 from models.fsutil import fsync_dir
 
 DEFAULT_MAX_OUTPUT = 4 * 1024 * 1024 * 1024
@@ -119,9 +121,7 @@ def _records(r: Reader, header: Header, on_range: Callable[[int, int], None]) ->
             gaps += rec.length
             if not seen_stream or gaps > header.gap_bytes:
                 raise DeltaError("delta corrupt: a gap record reads past the gap stream")
-        elif (
-            rec.op is Op.COPY or rec.transform in (Transform.XOR, Transform.SUB)
-        ) and rec.old_offset + rec.length > header.base.size:
+        elif (rec.op is Op.COPY or rec.transform in BASED) and rec.old_offset + rec.length > header.base.size:
             raise DeltaError("delta corrupt: a record reads past the end of the base")
         if rec.op is Op.TENSOR:
             if rec.length % rec.width:
@@ -168,7 +168,11 @@ def info(delta: Path) -> DeltaInfo:
 
 
 def _read_exact(reader: IO[bytes] | zstandard.ZstdDecompressionReader, n: int, what: str) -> bytes:
-    parts, left = [], n
+    """Exactly n bytes (callers bound n by CHUNK_BYTES); one read when the source gives them at once."""
+    first = reader.read(n)
+    if len(first) == n:
+        return first
+    parts, left = [first], n - len(first)
     while left:
         block = reader.read(min(_BLOCK, left))
         if not block:
@@ -176,6 +180,43 @@ def _read_exact(reader: IO[bytes] | zstandard.ZstdDecompressionReader, n: int, w
         parts.append(block)
         left -= len(block)
     return b"".join(parts)
+
+
+def _frame_size(frame: bytes) -> int:
+    """The length of the zstd frame at the start of `frame` (walking its block headers), or -1."""
+    pos = zstandard.frame_header_size(frame)
+    while pos + 3 <= len(frame):
+        head = int.from_bytes(frame[pos : pos + 3], "little")
+        last, kind, size = head & 1, (head >> 1) & 3, head >> 3
+        if kind == 3:  # reserved
+            return -1
+        pos += 3 + (1 if kind == 1 else size)
+        if last:
+            return pos + (4 if frame[4] & 0x04 else 0)  # the frame's optional checksum
+    return -1
+
+
+def _tensor_frame(dctx: zstandard.ZstdDecompressor, payload: bytes, length: int, exact: bool = True) -> bytes:
+    """Decode a TENSOR payload: exactly one zstd frame that declares exactly `length` bytes (or at
+    most `length`, when not `exact`).
+
+    Decoded in one shot into a buffer of the declared size (no stream window beside it), so a
+    chunk costs its payload and its output, and a frame cannot expand past what its record says.
+    """
+    try:
+        declared = zstandard.get_frame_parameters(payload).content_size
+    except zstandard.ZstdError:
+        raise DeltaError("delta corrupt: a tensor payload is not a zstd frame") from None
+    if declared == zstandard.CONTENTSIZE_UNKNOWN:
+        raise DeltaError("delta corrupt: a tensor frame does not declare its decoded size")
+    if declared > length or (exact and declared != length):
+        raise DeltaError(f"delta corrupt: a tensor frame holds {declared} bytes, its record says {length}")
+    if _frame_size(payload) != len(payload):
+        raise DeltaError("delta corrupt: a tensor payload is not exactly one zstd frame")
+    data = dctx.decompress(payload, max_output_size=length)
+    if len(data) != declared:
+        raise DeltaError("delta corrupt: a tensor frame decodes to less than it declares")
+    return data
 
 
 def _check_base(old: BinaryIO, header: Header) -> None:
@@ -202,6 +243,7 @@ def _decode(old: BinaryIO, f: BinaryIO, aux: BinaryIO, header: Header, r: Reader
 
     digest = hashlib.sha256()
     gap_reader: zstandard.ZstdDecompressionReader | None = None
+    data: bytes | memoryview
     for rec in _records(r, header, add_range):
         if rec.op is Op.DICT:
             continue
@@ -224,18 +266,18 @@ def _decode(old: BinaryIO, f: BinaryIO, aux: BinaryIO, header: Header, r: Reader
         else:
             f.seek(rec.payload_offset)
             payload = _read_exact(f, rec.payload_len, "a tensor payload")
-            reader = plain.stream_reader(payload, read_across_frames=False)
-            coded = _read_exact(reader, rec.length, "a tensor frame")
-            if reader.read(1):
-                raise DeltaError("delta corrupt: a tensor frame expands past its declared size")
-            base = None
-            if rec.transform in (Transform.XOR, Transform.SUB):
-                old.seek(rec.old_offset)
-                base = _read_exact(old, rec.length, "the base")
-            data = inverse(rec.transform, rec.width, coded, base)
+            # SPARSE holds fewer bytes than it writes; every other transform exactly as many
+            coded = _tensor_frame(plain, payload, rec.length, exact=rec.transform is not Transform.SPARSE)
+            del payload
             f.seek(r.pos)
+            data = join_into(rec.transform, rec.width, coded, rec.length)
+            del coded  # at most two chunk-sized buffers at once: see join_into
+            if rec.transform in BASED:
+                old.seek(rec.old_offset)
+                data = combine(rec.transform, rec.width, data, _read_exact(old, rec.length, "the base"))
         digest.update(data)
         sink.write(data)
+        del data
     if gap_reader is not None and gap_reader.read(1):
         raise DeltaError("delta corrupt: the gap stream is longer than its header declares")
     return digest.hexdigest()

@@ -32,13 +32,19 @@ def encode_cmd(
     new: Path,
     out: Annotated[Path, typer.Option("-o", "--out", help="the delta to write")],
     level: Annotated[int, typer.Option(help="zstd level")] = DEFAULT_LEVEL,
+    old_layout: Annotated[
+        Path | None, typer.Option(help="ONNX file whose external data OLD is (default: the .onnx beside it)")
+    ] = None,
+    new_layout: Annotated[
+        Path | None, typer.Option(help="ONNX file whose external data NEW is (default: the .onnx beside it)")
+    ] = None,
 ) -> None:
-    """Write a delta that turns OLD into NEW."""
+    """Write a delta that turns OLD into NEW (ONNX models and their external data: tensor by tensor)."""
     from models.delta.encode import encode
     from models.delta.errors import DeltaError
 
     try:
-        info = encode(old, new, out, level=level)
+        info = encode(old, new, out, level=level, old_layout=old_layout, new_layout=new_layout)
     except DeltaError as e:
         _fail(str(e))
     typer.echo(f"wrote {out}: {_summary(info)}")

@@ -25,8 +25,8 @@ from models.delta.format import (
     tensor_record,
     varint,
 )
-from models.delta.onnx_scan import TensorSpan, find_initializers
-from models.delta.transforms import forward
+from models.delta.onnx_scan import TensorSpan, find_external, find_initializers, layout_for
+from models.delta.transforms import forward, sparse_coded_size
 
 DEFAULT_LEVEL = 19
 # Initializers smaller than this stay in the gap stream: a record of their own costs more.
@@ -52,7 +52,16 @@ class _Chunk:
     old_offset: int | None
 
 
-_Piece = _Gap | _Chunk
+@dataclass(frozen=True)
+class _Copy:
+    """A run of the target equal to a run of the base: unchanged tensors and the bytes between them."""
+
+    offset: int
+    length: int
+    old_offset: int
+
+
+_Piece = _Gap | _Chunk | _Copy
 
 
 def _window_log(size: int) -> int:
@@ -80,25 +89,96 @@ def _compress(data: bytes, level: int, dictionary: bytes | None = None) -> bytes
     return zstandard.ZstdCompressor(dict_data=zdict, compression_params=params).compress(data)
 
 
-def _plan(new: bytes, new_spans: list[TensorSpan], old_spans: list[TensorSpan]) -> list[_Piece]:
+def _digest(data: bytes, span: TensorSpan) -> tuple[int, int, bytes]:
+    view = memoryview(data)[span.offset : span.offset + span.length]
+    return span.length, span.width, hashlib.blake2b(view, digest_size=16).digest()
+
+
+def _match(
+    old: bytes, new: bytes, new_spans: list[TensorSpan], old_spans: list[TensorSpan]
+) -> dict[TensorSpan, TensorSpan]:
+    """For each target tensor, the base tensor to code it against, if any.
+
+    First an identical tensor under any name (a re-export renames freely), then the same name with
+    the same size and width, then, for what is left, same-size tensors paired in file order (a
+    renamed and retrained tensor). A wrong pairing only costs size: the chunk coder falls back to
+    coding the target alone when the base does not help.
+    """
+    by_content = {_digest(old, s): s for s in old_spans}
+    by_name = {s.name: s for s in old_spans}
+    pairs: dict[TensorSpan, TensorSpan] = {}
+    for span in new_spans:
+        same = by_content.get(_digest(new, span))
+        named = by_name.get(span.name)
+        if same is not None:
+            pairs[span] = same
+        elif named is not None and named.length == span.length and named.width == span.width:
+            pairs[span] = named
+    used = set(pairs.values())
+    left_old: dict[tuple[int, int], list[TensorSpan]] = {}
+    for s in old_spans:
+        if s not in used:
+            left_old.setdefault((s.length, s.width), []).append(s)
+    for span in new_spans:
+        queue = left_old.get((span.length, span.width))
+        if span not in pairs and queue:
+            pairs[span] = queue.pop(0)
+    return pairs
+
+
+def _plan(old: bytes, new: bytes, new_spans: list[TensorSpan], old_spans: list[TensorSpan]) -> list[_Piece]:
     """The target as gaps and tensor chunks, in file order."""
-    old_by_name = {s.name: s for s in old_spans}
+    pairs = _match(old, new, new_spans, old_spans)
     pieces: list[_Piece] = []
     pos = 0
     for span in new_spans:
         if span.offset > pos:
             pieces.append(_Gap(pos, span.offset - pos))
-        old = old_by_name.get(span.name)
-        matched = old is not None and old.length == span.length and old.width == span.width
+        base = pairs.get(span)
         step = CHUNK_BYTES - CHUNK_BYTES % span.width
         for start in range(0, span.length, step):
             n = min(step, span.length - start)
-            old_offset = old.offset + start if matched and old is not None else None
+            old_offset = base.offset + start if base is not None else None
             pieces.append(_Chunk(span.offset + start, n, span.width, old_offset))
         pos = span.offset + span.length
     if pos < len(new):
         pieces.append(_Gap(pos, len(new) - pos))
     return pieces
+
+
+def _merge_copies(old: bytes, new: bytes, pieces: list[_Piece]) -> list[_Piece]:
+    """Unchanged chunks, and the gaps between them that equal the base's bytes there, as one run.
+
+    A re-export or a partial fine-tune keeps most tensors and their protobuf framing: one COPY
+    then costs a few bytes where a COPY per chunk plus a GAP per framing would cost a few hundred.
+    """
+    out: list[_Piece] = []
+    run: _Copy | None = None
+    for p in pieces:
+        if isinstance(p, _Chunk):
+            same = p.old_offset is not None and (
+                new[p.offset : p.offset + p.length] == old[p.old_offset : p.old_offset + p.length]
+            )
+            if same and run is not None and p.old_offset == run.old_offset + run.length:
+                run = _Copy(run.offset, run.length + p.length, run.old_offset)
+                continue
+            if same and p.old_offset is not None:
+                if run is not None:
+                    out.append(run)
+                run = _Copy(p.offset, p.length, p.old_offset)
+                continue
+        elif isinstance(p, _Gap) and run is not None:
+            at = run.old_offset + run.length
+            if new[p.offset : p.offset + p.length] == old[at : at + p.length]:
+                run = _Copy(run.offset, run.length + p.length, run.old_offset)
+                continue
+        if run is not None:
+            out.append(run)
+            run = None
+        out.append(p)
+    if run is not None:
+        out.append(run)
+    return out
 
 
 def _dict_ranges(old: bytes, old_spans: list[TensorSpan]) -> list[tuple[int, int]]:
@@ -126,6 +206,9 @@ def _code_chunk(new: bytes, old: bytes, chunk: _Chunk, level: int) -> bytes:
         options.append(Transform.PLANES)
     if base is not None:
         options += [Transform.XOR, Transform.SUB]
+        # Apply lets SPARSE hold at most the chunk's length (see transforms.join_into).
+        if sparse_coded_size(data, base, chunk.width) < chunk.length:
+            options.append(Transform.SPARSE)
     coded = {t: forward(t, chunk.width, data, base) for t in options}
     if len(options) > 1 and chunk.length > SELECT_ABOVE and level > SELECT_LEVEL:
         best = min(options, key=lambda t: len(_compress(coded[t], SELECT_LEVEL)))
@@ -160,7 +243,7 @@ class _Body:
 def _body(
     old: bytes, new: bytes, new_spans: list[TensorSpan], old_spans: list[TensorSpan], level: int, threads: int
 ) -> _Body:
-    pieces = _plan(new, new_spans, old_spans)
+    pieces = _merge_copies(old, new, _plan(old, new, new_spans, old_spans))
     gaps = [p for p in pieces if isinstance(p, _Gap)]
     gap_stream = b"".join(new[g.offset : g.offset + g.length] for g in gaps)
     ranges = _dict_ranges(old, old_spans)
@@ -184,14 +267,83 @@ def _body(
         coded = dict(zip(chunks, pool.map(lambda c: _code_chunk(new, old, c, level), chunks), strict=True))
     records = head
     for p in pieces:
-        records.extend(_split(Op.GAP, p.length) if isinstance(p, _Gap) else [coded[p]])
+        if isinstance(p, _Gap):
+            records.extend(_split(Op.GAP, p.length))
+        elif isinstance(p, _Copy):
+            records.extend(_split(Op.COPY, p.length, p.old_offset))
+        else:
+            records.append(coded[p])
     return _Body(records, dict_bytes, len(gap_stream), window)
 
 
-def _whole_file_planes(new: bytes, width: int, level: int, threads: int) -> _Body:
+def _whole_file_planes(old: bytes, new: bytes, width: int, level: int, threads: int) -> _Body:
     """The target alone, cut into chunks, byte planes split: for a base that does not help."""
+    del old  # the same signature as _aligned, which does use it
     span = TensorSpan("", 0, len(new) - len(new) % width, width)
     return _body(b"", new, [span] if span.length else [], [], level, threads)
+
+
+def _same_layout(old: bytes, new: bytes) -> bool:
+    """Files of (nearly) one size: likely the same structure with values changed in place."""
+    return bool(old) and abs(len(old) - len(new)) <= len(new) // 100
+
+
+def _aligned(old: bytes, new: bytes, width: int, level: int, threads: int) -> _Body:
+    """The target's bytes coded against the base's at the same offsets (an unparsed model retrained
+    in place: a .tflite, an int8 blob), chunk by chunk, like a tensor; the tail is a gap."""
+    n = min(len(old), len(new))
+    n -= n % width
+    spans = [TensorSpan("", 0, n, width)] if n else []
+    return _body(old, new, spans, spans, level, threads)
+
+
+def _patch_from(old: bytes, new: bytes, width: int, level: int, threads: int) -> _Body:
+    """The target as one gap stream with the whole base as dictionary: zstd --patch-from."""
+    del width  # the same signature as the others
+    return _body(old, new, [], [], level, threads)
+
+
+def _binary(old: bytes, new: bytes, level: int, threads: int) -> _Body:
+    """The smallest of the ways to code a file that is not ONNX (see docs/delta-format.md).
+
+    Large files try every way at SELECT_LEVEL and code only the winner at `level`.
+    """
+    candidates = [(_patch_from, 1), (_whole_file_planes, 4), (_whole_file_planes, 2)]
+    if _same_layout(old, new):
+        candidates += [(_aligned, 4), (_aligned, 1)]
+    trial = SELECT_LEVEL if level > SELECT_LEVEL and len(new) > SELECT_ABOVE else level
+    bodies = [make(old, new, width, trial, threads) for make, width in candidates]
+    best = min(range(len(bodies)), key=lambda i: bodies[i].size)
+    if trial == level:
+        return bodies[best]
+    make, width = candidates[best]
+    return make(old, new, width, level, threads)
+
+
+def _spans(path: Path, data: bytes, layout: Path | None) -> list[TensorSpan]:
+    """Where the tensors lie in `data`: its own initializers, or those an ONNX layout file keeps in it."""
+    if layout is None:
+        spans = find_initializers(data, MIN_TENSOR_BYTES)
+        if spans:
+            return spans
+        layout = layout_for(path)
+        if layout is None:
+            return []
+        explicit = False
+    else:
+        explicit = True
+    try:
+        graph = layout.read_bytes()
+    except OSError as e:
+        raise DeltaError(f"cannot read the layout {layout}: {e.strerror}") from None
+    location = os.path.relpath(path.resolve(), layout.resolve().parent).replace(os.sep, "/")
+    spans = find_external(graph, location, len(data), MIN_TENSOR_BYTES)
+    if explicit and not spans:
+        raise DeltaError(
+            f"{layout} keeps no initializers in {location}: pass the ONNX file whose external data "
+            f"{path.name} is, or no layout"
+        )
+    return spans
 
 
 def encode(
@@ -202,8 +354,14 @@ def encode(
     *,
     threads: int | None = None,
     progress: Callable[[str], None] | None = None,
+    old_layout: Path | None = None,
+    new_layout: Path | None = None,
 ) -> DeltaInfo:
-    """Write a delta that turns `old` into `new`, atomically, at `out`; return what it holds."""
+    """Write a delta that turns `old` into `new`, atomically, at `out`; return what it holds.
+
+    ONNX files are coded tensor by tensor. So are ONNX external data files: their layout is the
+    ONNX file that names them (`old_layout`/`new_layout`, or the one `.onnx` beside them that does).
+    """
     if not -131072 <= level <= 22:
         raise DeltaError(f"zstd level {level} is outside -131072..22")
     try:
@@ -212,18 +370,17 @@ def encode(
         raise DeltaError(f"cannot read {e.filename}: {e.strerror}") from None
     workers = threads or min(8, os.cpu_count() or 1)
     say = progress or (lambda _: None)
-    new_spans = find_initializers(new_bytes, MIN_TENSOR_BYTES)
-    old_spans = find_initializers(old_bytes, MIN_TENSOR_BYTES)
+    new_spans = _spans(new, new_bytes, new_layout)
+    old_spans = _spans(old, old_bytes, old_layout)
     kind = Kind.ONNX if new_spans else Kind.BINARY
     if old_bytes == new_bytes:
         body = _Body(_split(Op.COPY, len(new_bytes), 0), 0, 0, _window_log(CHUNK_BYTES))
     else:
         say(f"{kind}: {len(new_spans)} tensors in the target, {len(old_spans)} in the base")
-        body = _body(old_bytes, new_bytes, new_spans, old_spans, level, workers)
-        if kind == Kind.BINARY:
-            for width in (4, 2):
-                alt = _whole_file_planes(new_bytes, width, level, workers)
-                body = alt if alt.size < body.size else body
+        if kind == Kind.ONNX:
+            body = _body(old_bytes, new_bytes, new_spans, old_spans, level, workers)
+        else:
+            body = _binary(old_bytes, new_bytes, level, workers)
     header = Header(
         kind=kind,
         base=FileRef(sha256=hashlib.sha256(old_bytes).hexdigest(), size=len(old_bytes)),

@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from models.delta.errors import DeltaError
 
 MAGIC = b"EFDELTA\0"
-VERSION = 1
+VERSION = 2  # 2 added the SPARSE transform; version 1 deltas (a subset) are still read
+READABLE_VERSIONS = (1, 2)
 TRAILER_MAGIC = b"EFDT"
 TRAILER_LEN = len(TRAILER_MAGIC) + 32
 PREFIX = struct.Struct("<8sHHI")
@@ -49,6 +50,11 @@ class Transform(IntEnum):
     PLANES = 1  # the bytes with byte planes split by the element width
     XOR = 2  # (new ^ old), planes split
     SUB = 3  # (new - old) as unsigned integers of the element width, wrapping; planes split
+    SPARSE = 4  # SUB's differences, only the non-zero ones, with the gaps between them (version 2)
+
+
+# The transforms that read a base range of the same length.
+BASED = (Transform.XOR, Transform.SUB, Transform.SPARSE)
 
 
 class Kind:
@@ -116,8 +122,8 @@ def parse_header(f: BinaryIO) -> Header:
     magic, version, flags, length = PREFIX.unpack(prefix)
     if magic != MAGIC:
         raise DeltaError("not a delta: wrong magic")
-    if version != VERSION:
-        raise DeltaError(f"delta format version {version} is not supported (this reads {VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise DeltaError(f"delta format version {version} is not supported (this reads {READABLE_VERSIONS})")
     if flags != 0:
         raise DeltaError(f"delta flags {flags:#x} are not supported")
     if length > MAX_HEADER_BYTES:
@@ -248,7 +254,7 @@ def read_record(r: Reader) -> Record:
     if width not in WIDTHS:
         raise DeltaError(f"delta corrupt: element width {width} is not one of {WIDTHS}")
     length = r.varint()
-    old_offset = r.varint() if transform in (Transform.XOR, Transform.SUB) else 0
+    old_offset = r.varint() if transform in BASED else 0
     n = r.varint()
     rec = Record(op, length, old_offset, transform, width, r.pos, n)
     r.skip(n)
@@ -257,6 +263,6 @@ def read_record(r: Reader) -> Record:
 
 def tensor_record(transform: Transform, width: int, length: int, old_offset: int, payload: bytes) -> bytes:
     head = bytes([Op.TENSOR, transform, width]) + varint(length)
-    if transform in (Transform.XOR, Transform.SUB):
+    if transform in BASED:
         head += varint(old_offset)
     return head + varint(len(payload)) + payload

@@ -1,23 +1,32 @@
 """The updater against an in-memory fleet: every check that must hold before a model is used."""
 
 import asyncio
+import errno
 import hashlib
 import json
+import os
+import shutil
+import subprocess
 import time
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from device.engine.engine import Engine
-from device.slots import ModelSlots
+from device.line import LineState
+from device.slots import ModelSlots, install_initial
 from device.tuf_client import TufClient, bootstrap
+from device.update_boot import load_at_boot
 from device.updater import Updater, UpdateRecord
 from fleet.tuf_repository import Expiries, MetadataNotFound, TufRepository
+from models.package import pack, write_manifest
 from models.package_delta import build_package_delta, manifest_sha256
 from protocol.frames import Chunk
 from protocol.messages import UpdateMetadata, UpdateOffer, UpdateState, UpdateStatus
 from protocol.targets import archive_target_name
+from tests.conftest import ZOO
 
 
 class MemoryFleet:
@@ -62,8 +71,7 @@ def publish(repo: TufRepository, archive: Path, version: int, **deltas: object) 
     repo.add_target(archive, archive_target_name("surface-defect", version), custom, **deltas)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-def fleet_tuf(tmp_path: Path, archives: dict[int, Path]) -> TufRepository:
+def new_fleet_tuf(tmp_path: Path, archives: dict[int, Path]) -> TufRepository:
     """The fleet's TUF repository with v1 and v2 of the sample model listed."""
     repo = TufRepository(tmp_path / "tuf", tmp_path / "tuf-keys")
     repo.init()
@@ -72,11 +80,20 @@ def fleet_tuf(tmp_path: Path, archives: dict[int, Path]) -> TufRepository:
     return repo
 
 
-@pytest.fixture
-def serving_v1(engine: Engine, data_dir: Path) -> Engine:
+def serve_v1(engine: Engine, data_dir: Path) -> Engine:
     slots = ModelSlots(data_dir / "models" / "surface-defect")
     engine.serve(engine.prepare(slots.active_dir(), slots.active_manifest()))
     return engine
+
+
+@pytest.fixture
+def fleet_tuf(tmp_path: Path, archives: dict[int, Path]) -> TufRepository:
+    return new_fleet_tuf(tmp_path, archives)
+
+
+@pytest.fixture
+def serving_v1(engine: Engine, data_dir: Path) -> Engine:
+    return serve_v1(engine, data_dir)
 
 
 def tuf_client_for(data_dir: Path, repo: TufRepository) -> TufClient:
@@ -259,24 +276,24 @@ def test_rollback_interrupted_before_the_link_moved_is_finished_at_boot(
     offer = offer_for(archives[2].read_bytes())
     journal_as_if(data_dir, offer, UpdateState.ROLLED_BACK, reason="errors")
     updater = make_updater(data_dir, serving_v1, MemoryFleet(b""), fleet_tuf)
-    assert updater.repair_slots_at_boot("surface-defect", active_is_broken=False)
+    assert updater.repair_slots_at_boot("surface-defect")
     assert slots.active_slot() == "a"
 
 
-def test_a_broken_slot_after_a_switch_falls_back_at_boot(
-    serving_v1: Engine, data_dir: Path, archives: dict[int, Path], fleet_tuf: TufRepository
+def test_a_broken_slot_after_a_switch_is_rolled_back_at_boot(
+    engine: Engine, data_dir: Path, archives: dict[int, Path], fleet_tuf: TufRepository
 ) -> None:
     slots = switched_to_v2(data_dir, archives)
     (slots.slot_dir("b") / "model.onnx").write_bytes(b"")  # as after a power cut before the data hit the disk
     offer = offer_for(archives[2].read_bytes())
     journal_as_if(data_dir, offer, UpdateState.PROBATION)
     fleet = MemoryFleet(b"")
-    updater = make_updater(data_dir, serving_v1, fleet, fleet_tuf)
-    assert not updater.repair_slots_at_boot("surface-defect", active_is_broken=False)
-    assert updater.repair_slots_at_boot("surface-defect", active_is_broken=True)
-    assert slots.active_manifest().version == 1
+    updater = make_updater(data_dir, engine, fleet, fleet_tuf)
+    serving = load_at_boot(updater, slots)
+    assert serving.manifest.version == 1 and slots.active_slot() == "a"
     asyncio.run(updater.recover())
-    assert fleet.states == ["failed"] and "old model kept" in fleet.statuses[0].reason
+    assert fleet.states == ["rolled_back"], fleet.statuses
+    assert "v2 failed to load at boot" in fleet.statuses[0].reason
 
 
 @pytest.fixture(scope="module")
@@ -424,4 +441,300 @@ def test_a_delta_that_differs_from_its_signed_target_refuses_the_offer(
     run_offer(make_updater(data_dir, serving_v1, fleet, fleet_tuf), offer_for(payload, delta=forged))
     assert fleet.states == ["failed"] and "delta differs from the signed target" in fleet.statuses[-1].reason
     assert fleet.fetched == {"package": 0, "delta": 0}
+    assert_still_serving_v1(serving_v1, data_dir)
+
+
+# -- packages other than the sample's two versions ----------------------------------------------------
+def repackage(src: Path, dest: Path, version: int, model: bytes | None = None) -> Path:
+    """A copy of package folder `src` as `version`, optionally with other model bytes; hashes rewritten."""
+    folder = Path(shutil.copytree(src, dest))
+    if model is not None:
+        (folder / "model.onnx").write_bytes(model)
+    fields = json.loads((folder / "manifest.json").read_text())
+    fields.pop("files")
+    write_manifest(folder, {**fields, "version": version}, ["model.onnx", "golden.npz"])
+    return folder
+
+
+def archive_of(folder: Path) -> Path:
+    archive = folder.with_suffix(".tar")
+    pack(folder, archive)
+    return archive
+
+
+def commit_v2(updater: Updater, archives: dict[int, Path]) -> None:
+    run_offer(updater, offer_for(archives[2].read_bytes()))
+    assert updater.state is UpdateState.COMMITTED
+
+
+async def until(check: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+# -- rollback on command ------------------------------------------------------------------------------
+def test_a_rollback_on_command_serves_the_other_slot_again(
+    serving_v1: Engine, data_dir: Path, archives: dict[int, Path], fleet_tuf: TufRepository
+) -> None:
+    fleet = MemoryFleet(archives[2].read_bytes())
+    updater = make_updater(data_dir, serving_v1, fleet, fleet_tuf)
+    commit_v2(updater, archives)
+    status = asyncio.run(updater.roll_back("surface-defect", 1, "fleet: bad batch", "req-1"))
+    assert (status.update_id, status.state, status.version) == ("req-1", UpdateState.ROLLED_BACK, 1)
+    assert status.reason == "fleet: bad batch" and status.detail["from_version"] == 2
+    assert fleet.statuses[-1] == status, "reported to the fleet under the request id"
+    assert_still_serving_v1(serving_v1, data_dir)
+    journal = json.loads((data_dir / "update-journal.json").read_text())
+    assert journal["state"] == "rolled_back" and journal["update"]["update_id"] == "req-1"
+    assert (journal["target_slot"], journal["previous_slot"]) == ("b", "a")
+    # The same command again (the fleet re-sends pending ones) changes nothing and says the same.
+    again = asyncio.run(updater.roll_back("surface-defect", 1, "fleet: bad batch", "req-1"))
+    assert again.state is UpdateState.ROLLED_BACK and serving_v1.get("surface-defect").manifest.version == 1
+
+
+def test_a_rollback_is_refused_when_the_other_slot_is_empty(
+    serving_v1: Engine, data_dir: Path, archives: dict[int, Path], fleet_tuf: TufRepository
+) -> None:
+    fleet = MemoryFleet(b"")
+    updater = make_updater(data_dir, serving_v1, fleet, fleet_tuf)
+    status = asyncio.run(updater.roll_back("surface-defect", 1, "", "req-2"))
+    assert status.state is UpdateState.FAILED and "slot (b) of surface-defect is empty" in status.reason
+    assert not (data_dir / "update-journal.json").exists(), "a refused rollback is not journaled"
+    assert_still_serving_v1(serving_v1, data_dir)
+
+
+def test_a_rollback_to_a_version_the_other_slot_lacks_is_refused(
+    serving_v1: Engine, data_dir: Path, archives: dict[int, Path], fleet_tuf: TufRepository
+) -> None:
+    updater = make_updater(data_dir, serving_v1, fleet := MemoryFleet(archives[2].read_bytes()), fleet_tuf)
+    commit_v2(updater, archives)
+    status = asyncio.run(updater.roll_back("surface-defect", 3, "", "req-3"))
+    assert status.state is UpdateState.FAILED and "holds surface-defect v1, not v3" in status.reason
+    assert fleet.statuses[-1] == status
+    assert serving_v1.get("surface-defect").manifest.version == 2
+    assert updater.state is UpdateState.COMMITTED, "the journal keeps the committed update"
+
+
+def test_a_rollback_to_a_damaged_slot_is_refused(
+    serving_v1: Engine, data_dir: Path, archives: dict[int, Path], fleet_tuf: TufRepository
+) -> None:
+    updater = make_updater(data_dir, serving_v1, MemoryFleet(archives[2].read_bytes()), fleet_tuf)
+    commit_v2(updater, archives)
+    slots = ModelSlots(data_dir / "models" / "surface-defect")
+    with (slots.slot_dir("a") / "model.onnx").open("r+b") as f:
+        f.write(b"\0" * 16)  # bit rot on the card
+    status = asyncio.run(updater.roll_back("surface-defect", 1, "", "req-4"))
+    assert status.state is UpdateState.FAILED and "fails verification" in status.reason
+    assert serving_v1.get("surface-defect").manifest.version == 2 and slots.active_slot() == "b"
+
+
+def test_a_rollback_during_probation_ends_the_probation(
+    serving_v1: Engine, data_dir: Path, archives: dict[int, Path], fleet_tuf: TufRepository
+) -> None:
+    fleet = MemoryFleet(archives[2].read_bytes())
+    updater = make_updater(data_dir, serving_v1, fleet, fleet_tuf)
+    updater.probation_s = 60  # ends only by the command
+
+    async def scenario() -> UpdateStatus:
+        update = asyncio.create_task(updater.handle_offer(offer_for(archives[2].read_bytes())))
+        await until(lambda: updater.state is UpdateState.PROBATION)
+        started = time.monotonic()
+        status = await updater.roll_back("surface-defect", 1, "local: scratches missed", "req-5")
+        assert time.monotonic() - started < 5
+        await update
+        return status
+
+    status = asyncio.run(scenario())
+    assert status.update_id == "req-5" and status.state is UpdateState.ROLLED_BACK
+    own = [s for s in fleet.statuses if s.update_id == "u1"]
+    assert own[-1].state is UpdateState.ROLLED_BACK and own[-1].reason == "local: scratches missed"
+    assert_still_serving_v1(serving_v1, data_dir)
+
+
+def test_a_rollback_during_an_update_before_its_switch_is_refused(
+    serving_v1: Engine, data_dir: Path, archives: dict[int, Path], fleet_tuf: TufRepository
+) -> None:
+    line = LineState()
+    line.set(True, "plc")  # holds the update in `testing`, before its switch
+    fleet = MemoryFleet(archives[2].read_bytes())
+    updater = make_updater(data_dir, serving_v1, fleet, fleet_tuf)
+    updater.line = line
+
+    async def scenario() -> UpdateStatus:
+        update = asyncio.create_task(updater.handle_offer(offer_for(archives[2].read_bytes())))
+        await until(lambda: updater.record is not None and updater.record.waiting_for is not None)
+        status = await updater.roll_back("surface-defect", 1, "", "req-6")
+        line.set(False, "plc")
+        await update
+        return status
+
+    status = asyncio.run(scenario())
+    assert status.state is UpdateState.FAILED and "update u1 (testing) is in progress" in status.reason
+    assert fleet.states[-1] == "committed"
+
+
+# -- disk full ------------------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 40 MiB filesystem (tmpfs) that can be filled up without touching the machine's disk."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("filling a disk needs a small filesystem: mounting a tmpfs needs root")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Write zeros until the filesystem refuses with ENOSPC."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (1 << 20, 1 << 16, 1 << 12):
+            block = b"\0" * size
+            try:
+                while True:
+                    os.write(fd, block)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+    finally:
+        os.close(fd)
+    return filler
+
+
+class FillsTheDiskWhenApplying(MemoryFleet):
+    """The fleet side of the test; the disk fills (another writer on the device) once `applying` begins."""
+
+    def __init__(self, payload: bytes, disk: Path) -> None:
+        super().__init__(payload)
+        self.disk = disk
+        self.filled = False
+
+    async def publish_update_status(self, status: UpdateStatus) -> None:
+        await super().publish_update_status(status)
+        if status.state is UpdateState.APPLYING and not self.filled:
+            self.filled = True
+            fill(self.disk)
+
+
+def test_a_full_disk_while_applying_fails_the_update_and_leaves_nothing_half_written(
+    engine: Engine, small_disk: Path, archives: dict[int, Path], fleet_tuf: TufRepository
+) -> None:
+    data_dir = small_disk / "data"
+    install_initial(data_dir / "models", archives[1])
+    slots = ModelSlots(data_dir / "models" / "surface-defect")
+    engine.serve(engine.prepare(slots.active_dir(), slots.active_manifest()))
+    payload = archives[2].read_bytes()
+    fleet = FillsTheDiskWhenApplying(payload, small_disk)
+    updater = make_updater(data_dir, engine, fleet, fleet_tuf)
+    run_offer(updater, offer_for(payload))
+    assert fleet.states[-2:] == ["applying", "failed"], fleet.statuses[-1]
+    assert "disk full while applying" in fleet.statuses[-1].reason
+    assert_still_serving_v1(engine, data_dir)
+    assert slots.active_manifest().version == 1
+    assert list(slots.slot_dir("b").iterdir()) == [], "the inactive slot is cleared"
+    assert list((data_dir / "downloads").iterdir()) == [], "the download is removed"
+    assert json.loads((data_dir / "update-journal.json").read_text())["state"] == "failed"
+    # Once space is freed the fleet's next offer goes through.
+    (small_disk / "filler").unlink()
+    run_offer(updater, offer_for(payload, update_id="u2"))
+    assert fleet.states[-1] == "committed" and engine.get("surface-defect").manifest.version == 2
+
+
+# -- crash-looping and broken new models ----------------------------------------------------------------
+def test_a_model_that_fails_to_load_fails_its_update_before_the_switch(
+    serving_v1: Engine, data_dir: Path, archives: dict[int, Path], fleet_tuf: TufRepository, tmp_path: Path
+) -> None:
+    garbage = repackage(ZOO / "v2", tmp_path / "v3", 3, model=b"\x08\x07not a model at all" * 100)
+    archive = archive_of(garbage)
+    publish(fleet_tuf, archive, 3)
+    fleet = MemoryFleet(archive.read_bytes())
+    updater = make_updater(data_dir, serving_v1, fleet, fleet_tuf)
+    run_offer(updater, offer_for(archive.read_bytes(), version=3))
+    assert fleet.states[-2:] == ["testing", "failed"], fleet.statuses[-1]
+    assert "no backend can run surface-defect" in fleet.statuses[-1].reason
+    assert_still_serving_v1(serving_v1, data_dir)
+    assert list(ModelSlots(data_dir / "models" / "surface-defect").slot_dir("b").iterdir()) == []
+    assert json.loads((data_dir / "update-journal.json").read_text())["loading"] is False
+
+
+def journal_died_loading(data_dir: Path, archives: dict[int, Path], failed_before: int) -> ModelSlots:
+    """The journal after the agent died loading v2 in probation, `failed_before` + 1 times in a row."""
+    slots = switched_to_v2(data_dir, archives)
+    record = UpdateRecord(
+        update=offer_for(archives[2].read_bytes()).update,
+        state=UpdateState.PROBATION,
+        target_slot="b",
+        previous_slot="a",
+        loading=True,
+        failed_starts=failed_before,
+    )
+    (data_dir / "update-journal.json").write_text(json.dumps(record.to_json()))
+    return slots
+
+
+def test_a_third_death_while_loading_rolls_back_at_boot(
+    engine: Engine, data_dir: Path, archives: dict[int, Path], fleet_tuf: TufRepository
+) -> None:
+    slots = journal_died_loading(data_dir, archives, failed_before=2)
+    fleet = MemoryFleet(b"")
+    updater = make_updater(data_dir, engine, fleet, fleet_tuf)
+    serving = load_at_boot(updater, slots)
+    assert serving.manifest.version == 1 and slots.active_slot() == "a"
+    asyncio.run(updater.recover())
+    assert fleet.states == ["rolled_back"]
+    assert fleet.statuses[0].reason == "v2 failed to start 3 times in a row (the agent died while loading it)"
+
+
+def test_fewer_deaths_while_loading_are_counted_and_the_model_tried_again(
+    engine: Engine, data_dir: Path, archives: dict[int, Path], fleet_tuf: TufRepository
+) -> None:
+    slots = journal_died_loading(data_dir, archives, failed_before=1)
+    updater = make_updater(data_dir, engine, MemoryFleet(b""), fleet_tuf)
+    serving = load_at_boot(updater, slots)
+    assert serving.manifest.version == 2 and slots.active_slot() == "b"
+    journal = json.loads((data_dir / "update-journal.json").read_text())
+    assert journal["state"] == "probation"
+    assert (journal["loading"], journal["failed_starts"]) == (False, 0), "a proven start resets the count"
+    assert any("failed start 2" in h.get("reason", "") for h in journal["history"])
+
+
+def test_restarts_of_a_model_that_loaded_fine_count_nothing(
+    engine: Engine, data_dir: Path, archives: dict[int, Path], fleet_tuf: TufRepository
+) -> None:
+    slots = switched_to_v2(data_dir, archives)
+    journal_as_if(data_dir, offer_for(archives[2].read_bytes()), UpdateState.PROBATION)
+    for _ in range(5):  # power cycles during a healthy probation
+        updater = make_updater(data_dir, Engine(engine.profile), MemoryFleet(b""), fleet_tuf)
+        assert load_at_boot(updater, slots).manifest.version == 2
+    journal = json.loads((data_dir / "update-journal.json").read_text())
+    assert (journal["state"], journal["failed_starts"]) == ("probation", 0)
+
+
+def test_a_death_while_proving_the_new_model_fails_the_update_and_counts(
+    serving_v1: Engine, data_dir: Path, archives: dict[int, Path], fleet_tuf: TufRepository
+) -> None:
+    ModelSlots(data_dir / "models" / "surface-defect").unpack_into("b", archives[2])
+    record = UpdateRecord(
+        update=offer_for(archives[2].read_bytes()).update,
+        state=UpdateState.TESTING,
+        target_slot="b",
+        previous_slot="a",
+        loading=True,
+    )
+    (data_dir / "update-journal.json").write_text(json.dumps(record.to_json()))
+    fleet = MemoryFleet(b"")
+    updater = make_updater(data_dir, serving_v1, fleet, fleet_tuf)
+    asyncio.run(updater.recover())
+    assert fleet.states == ["failed"]
+    assert "while loading v2 (1 failed start(s) in a row" in fleet.statuses[0].reason
     assert_still_serving_v1(serving_v1, data_dir)

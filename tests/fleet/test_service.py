@@ -304,3 +304,24 @@ def test_offers_carry_the_devices_maintenance_windows(
     windows = offers["cam-1"].switch_windows
     assert len(windows) >= 14 and all(end - start == 3600 for start, end in windows)
     assert windows[0][1] > time.time(), "the first window is the open or the next one"
+
+
+def test_a_rollback_made_at_the_device_is_recorded_like_the_fleets(
+    service: FleetService, archives: dict[int, Path]
+) -> None:
+    service.register_model(archives[1])
+    service.add_device("cam-1")
+    status = UpdateStatus(
+        device_id="cam-1",
+        update_id="local-abc123",
+        model_name="surface-defect",
+        version=1,
+        state=UpdateState.ROLLED_BACK,
+        reason="field engineer via the local API: smearing on line 3",
+    )
+    service.on_update_status("cam-1", status)
+    (view,) = service.list_updates("cam-1")
+    assert (view["kind"], view["state"], view["version"]) == ("local", "rolled_back", 1)
+    assert "smearing" in service.get_update("local-abc123")["events"][0]["reason"]
+    service.on_update_status("cam-2", status.model_copy(update={"device_id": "cam-2"}))
+    assert len(service.list_updates()) == 1, "another device cannot report on cam-1's action"

@@ -92,10 +92,42 @@ def test_a_zstd_bomb_in_a_tensor_is_cut_off(files: dict[str, Path], tmp_path: Pa
     bomb = zstandard.ZstdCompressor(level=1, write_content_size=False).compress(bytes(256 * 1024 * 1024))
     rec = tensor_record(Transform.RAW, 1, 1, 0, bomb)
     refused(files, crafted([rec], b"\0"), tmp_path, "larger than its content could need")
-    # The payload within bounds, the frame still larger than declared:
-    small = zstandard.ZstdCompressor(level=1, write_content_size=False).compress(bytes(4096))
-    rec = tensor_record(Transform.RAW, 1, 1024, 0, small)
-    refused(files, crafted([rec], bytes(1024)), tmp_path, "expands past its declared size")
+    # The payload within bounds, the frame still larger than its record:
+    sized = zstandard.ZstdCompressor(level=1).compress(bytes(4096))
+    rec = tensor_record(Transform.RAW, 1, 1024, 0, sized)
+    refused(files, crafted([rec], bytes(1024)), tmp_path, "holds 4096 bytes, its record says 1024")
+    unsized = zstandard.ZstdCompressor(level=1, write_content_size=False).compress(bytes(4096))
+    rec = tensor_record(Transform.RAW, 1, 1024, 0, unsized)
+    refused(files, crafted([rec], bytes(1024)), tmp_path, "does not declare its decoded size")
+
+
+def test_a_sparse_frame_may_hold_less_but_never_more(files: dict[str, Path], tmp_path: Path) -> None:
+    coded = (1).to_bytes(4, "little") + bytes([3, 0, 0, 0]) + b"\x05"  # element 3 of 16 grows by 5
+    frame = zstandard.ZstdCompressor(level=1).compress(coded)
+    rec = tensor_record(Transform.SPARSE, 1, 16, 0, frame)
+    want = bytearray(BASE[:16])
+    want[3] = (want[3] + 5) % 256
+    path = tmp_path / "ok.efd"
+    path.write_bytes(crafted([rec], bytes(want)))
+    apply(files["base"], path, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == bytes(want)
+    (tmp_path / "out").unlink()
+    path.unlink()
+    big = zstandard.ZstdCompressor(level=1).compress(coded + bytes(14))
+    rec = tensor_record(Transform.SPARSE, 1, 16, 0, big)
+    refused(files, crafted([rec], bytes(want)), tmp_path, "holds 23 bytes, its record says 16")
+
+
+def test_a_tensor_payload_is_exactly_one_frame(files: dict[str, Path], tmp_path: Path) -> None:
+    frame = zstandard.ZstdCompressor(level=1).compress(bytes(1024))
+    for payload in (frame + b"junk", frame + frame, frame[:-1], b"\x28\xb5\x2f\xfd" + bytes(20)):
+        rec = tensor_record(Transform.RAW, 1, 1024, 0, payload)
+        refused(files, crafted([rec], bytes(1024)), tmp_path, "tensor payload is not|tensor frame")
+    rec = tensor_record(Transform.RAW, 1, 1024, 0, frame)
+    path = tmp_path / "ok.efd"
+    path.write_bytes(crafted([rec], bytes(1024)))
+    apply(files["base"], path, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == bytes(1024)
 
 
 def test_a_gap_stream_longer_than_declared(files: dict[str, Path], tmp_path: Path) -> None:
