@@ -10,8 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from device.api import create_app
 from device.api import updates as update_routes
@@ -20,6 +18,7 @@ from device.config import DataDir, DeviceConfig
 from device.engine.engine import Engine
 from device.engine.probe import probe
 from device.errors import ConfigError, DeviceError
+from device.fleet_keys import FleetKeys
 from device.health import collect, model_health
 from device.line import LineState
 from device.link import DeviceLink
@@ -36,6 +35,7 @@ from models.signing import load_private_key, public_key_pem
 from protocol.messages import RollbackCommand, TelemetryRecord, UpdateOffer, encode
 
 log = logging.getLogger(__name__)
+KEYS_RETRY_S = 30.0
 
 
 def agent_version() -> str:
@@ -43,16 +43,6 @@ def agent_version() -> str:
         return version("edgefleet")
     except PackageNotFoundError:
         return "0+unknown"
-
-
-def load_fleet_telemetry_key(path: Path) -> X25519PublicKey:
-    try:
-        key = serialization.load_pem_public_key(path.read_bytes())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read the fleet's telemetry key {path}: {e}; provision again") from e
-    if not isinstance(key, X25519PublicKey):
-        raise ConfigError(f"{path} is not an X25519 public key")
-    return key
 
 
 class _Server(uvicorn.Server):
@@ -81,25 +71,33 @@ class Agent:
             tls=data.link_tls(),
         )
         self.outbox = Outbox(data.outbox, config.telemetry_max_bytes)
+        self.fleet_keys = FleetKeys(data.fleet_keys, data.fleet_telemetry_key)
+        self.fleet_keys.telemetry_key()  # fail at start, not at the first send, without any key
+        self._keys_wanted = asyncio.Event()
+        self._keys_wanted_serial = 0
         self.sender = TelemetrySender(
             self.outbox,
             config.device_id,
             device_key,
-            load_fleet_telemetry_key(data.fleet_telemetry_key),
+            self.fleet_keys.telemetry_key,
             self.link.connected,
             self.link.publish_telemetry,
+            on_rekey=lambda: self._want_keys(None),
         )
+        self.fleet_keys.on_change(lambda _: self.sender.keys_changed_threadsafe())
+        self.link.on_keys_wanted = self._want_keys
         self.link.on_telemetry_ack = self.sender.on_receipt
         self.link.on_rollback = self._on_rollback
         self._loop: asyncio.AbstractEventLoop | None = None
         self.line = LineState(data.root / "line-state.json")
         self.shadow_hub = ShadowHub()
+        self.tuf = TufClient(data.root, self._fetch_tuf_file)
         self.updater = Updater(
             config.device_id,
             data.root,
             self.engine,
             self.link,
-            TufClient(data.root, self._fetch_tuf_file),
+            self.tuf,
             probation_s=config.probation_s,
             probation_max_error_rate=config.probation_max_error_rate,
             line=self.line,
@@ -210,6 +208,37 @@ class Agent:
             await asyncio.to_thread(self._queue, Kind.HEALTH, health.model_dump(mode="json"))
             await asyncio.sleep(self.config.health_interval_s)
 
+    def _api_tls_files(self) -> tuple[str | None, str | None]:
+        """HTTPS with the device's own certificate (a field engineer checks it against the fleet CA
+        and the device id it names); plain HTTP for a device without one or with `api_tls` off.
+        The certificate is read when the API starts: a renewed one is served after a restart."""
+        if not self.config.api_tls or not self.data.device_cert.exists():
+            return None, None
+        return str(self.data.device_cert), str(self.data.tls_key)
+
+    def _want_keys(self, serial: int | None) -> None:
+        """Refresh the keys document soon: on (re)connect (None), on a rekey receipt (None), on the
+        fleet's notice of a newer serial; a notice of a serial held already is ignored."""
+        if serial is None or serial > self.fleet_keys.serial():
+            self._keys_wanted.set()
+
+    async def _keys_loop(self) -> None:
+        """Keep the fleet's keys document fresh: when asked, and every `keys_refresh_s` anyway."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._keys_wanted.wait(), self.config.keys_refresh_s)
+            await self.link.connected.wait()
+            self._keys_wanted.clear()
+            try:
+                await asyncio.to_thread(self.fleet_keys.refresh, self.tuf)
+            except DeviceError as e:  # a TUF or transport refusal: the keys held stay in force
+                log.warning("fleet keys not refreshed (%s); retrying in %.0f s", e, KEYS_RETRY_S)
+                await asyncio.sleep(KEYS_RETRY_S)
+                self._keys_wanted.set()
+            except Exception as e:  # a malformed document signed by the fleet: keep what we hold
+                log.error("fleet keys document refused (%s); keeping serial %d", e, self.fleet_keys.serial())
+                await asyncio.sleep(KEYS_RETRY_S)
+
     def _fetch_tuf_file(self, url: str, max_length: int, deadline_s: float) -> bytes:
         """The TUF client's transport: blocking, called from the updater's worker thread."""
         if self._loop is None:
@@ -242,7 +271,10 @@ class Agent:
             self._metrics_extra,
             limiter,
             routers=[update_routes.router(self.updater, self.line)],
+            field_trust=self.fleet_keys.field_trust,
+            device_id=self.config.device_id,
         )
+        certfile, keyfile = self._api_tls_files()
         server = _Server(
             uvicorn.Config(
                 app,
@@ -250,12 +282,15 @@ class Agent:
                 port=self.config.api_port,
                 log_level="warning",
                 access_log=False,
+                ssl_certfile=certfile,
+                ssl_keyfile=keyfile,
             )
         )
         tasks = [
             asyncio.create_task(self.link.run(), name="link"),
             asyncio.create_task(self._health_loop(), name="health"),
             asyncio.create_task(self.sender.run(), name="telemetry"),
+            asyncio.create_task(self._keys_loop(), name="fleet-keys"),
             asyncio.create_task(self.updater.recover(), name="recover"),
             asyncio.create_task(renew_forever(self.data), name="cert-renewal"),
             asyncio.create_task(server.serve(), name="api"),
@@ -294,7 +329,9 @@ class Agent:
         sockets = [s for srv in server.servers for s in (srv.sockets or [])]
         self.api_port = sockets[0].getsockname()[1] if sockets else self.config.api_port
         (self.data.root / "api-port").write_text(str(self.api_port))
-        log.info("local API on http://%s:%d", self.config.api_host, self.api_port)
+        scheme = "https" if self._api_tls_files()[0] else "http"
+        (self.data.root / "api-url").write_text(f"{scheme}://{self.config.api_host}:{self.api_port}")
+        log.info("local API on %s://%s:%d", scheme, self.config.api_host, self.api_port)
 
 
 def run_agent(data_dir: Path, fleet_url: str | None = None) -> None:

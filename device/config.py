@@ -1,6 +1,7 @@
 """The device's configuration, kept as `device.json` in its data dir; secrets live beside it in files."""
 
 import json
+import re
 import secrets
 import ssl
 from dataclasses import dataclass
@@ -25,6 +26,13 @@ class DeviceConfig(BaseModel):
     )
     api_host: str = Field(default="127.0.0.1", description="address the local API listens on")
     api_port: int = Field(default=8081, ge=0, le=65535, description="port of the local API")
+    api_tls: bool = Field(
+        default=True,
+        description="serve the local API over HTTPS with the device's certificate, when it has one",
+    )
+    keys_refresh_s: float = Field(
+        default=3600.0, gt=0, description="seconds between refreshes of the fleet's signed keys document"
+    )
     health_interval_s: float = Field(default=5.0, gt=0, description="seconds between health reports")
     probation_s: float = Field(default=30.0, ge=0, description="seconds a new model is watched before commit")
     pipeline_poll_s: float = Field(default=0.2, gt=0, description="how often the inbox folder is scanned")
@@ -84,7 +92,8 @@ class DataDir:
         # What the fleet answered at enrollment, kept until provisioning finished, so that a power cut
         # in between does not waste the one-time token.
         self.enrollment_answer = self.secrets / "enrollment-answer.json"
-        self.fleet_telemetry_key = root / "fleet-telemetry-key.pem"
+        self.fleet_telemetry_key = root / "fleet-telemetry-key.pem"  # from enrollment, until keys.json
+        self.fleet_keys = root / "fleet-keys.json"  # the fleet's signed keys document (device/fleet_keys.py)
         self.outbox = root / "telemetry" / "outbox.sqlite"
 
     def load_config(self) -> DeviceConfig:
@@ -118,8 +127,12 @@ class DataDir:
         path = self.secrets / name
         write_private(path, value.encode(), replace=True)
 
-    def ensure_api_token(self) -> str:
-        if not (self.secrets / "api-token").exists():
+    def ensure_api_token(self, break_glass: str | None = None) -> str:
+        """The break-glass credential of the local API (`secrets/api-token`): `break_glass` when
+        given (checked, replaces the one kept), else the one kept, else a new random one."""
+        if break_glass is not None:
+            self.write_secret("api-token", check_break_glass(break_glass))
+        elif not (self.secrets / "api-token").exists():
             self.write_secret("api-token", secrets.token_urlsafe(32))
         return self.secret("api-token")
 
@@ -135,6 +148,36 @@ class DataDir:
             self.outbox.parent,
         ):
             folder.mkdir(parents=True, exist_ok=True)
+
+
+MIN_BREAK_GLASS_CHARS = 16
+_BREAK_GLASS = re.compile(r"[!-~]+")  # printable ASCII, no spaces: it travels in an HTTP header
+
+
+def check_break_glass(value: str) -> str:
+    """`value` if it can serve as the break-glass credential, else a ConfigError saying what to fix."""
+    if len(value) < MIN_BREAK_GLASS_CHARS:
+        raise ConfigError(
+            f"the break-glass credential has {len(value)} characters; use at least "
+            f"{MIN_BREAK_GLASS_CHARS} (e.g. `openssl rand -base64 24`)"
+        )
+    if not _BREAK_GLASS.fullmatch(value):
+        raise ConfigError(
+            "the break-glass credential must be printable ASCII without spaces (it is sent as "
+            "`Authorization: Bearer <credential>`)"
+        )
+    if value.startswith("eft1."):
+        raise ConfigError("the break-glass credential must not start with 'eft1.' (that marks field tokens)")
+    return value
+
+
+def read_break_glass(path: Path) -> str:
+    """The break-glass credential kept in the first line of `path` (surrounding blanks dropped)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read the break-glass file {path}: {e}") from e
+    return check_break_glass(lines[0].strip() if lines else "")
 
 
 def validate_device_id(device_id: str) -> str:

@@ -26,6 +26,7 @@ from protocol.messages import (
     ChunkRequest,
     DeviceState,
     Health,
+    KeysNotice,
     MetadataRequest,
     RollbackCommand,
     TelemetryAck,
@@ -56,6 +57,9 @@ def parse_broker_url(url: str) -> tuple[str, int]:
 
 class DeviceLink:
     on_rollback: RollbackHandler | None = None  # set by the agent: `cmd/rollback` goes there
+    # Set by the agent: called on every (re)connect and on `cmd/keys`, so the device refreshes the
+    # fleet's keys document when it may have missed a change or was told of one.
+    on_keys_wanted: Callable[[int | None], None] | None = None
 
     def __init__(
         self,
@@ -137,6 +141,8 @@ class DeviceLink:
             await client.publish(self._topic(topics.STATE), self._state(True), qos=1, retain=True)
             self.connected.set()
             log.info("connected to %s:%d as %s", self.host, self.port, self.device_id)
+            if self.on_keys_wanted is not None:
+                self.on_keys_wanted(None)
             await self._flush_pending(client)
             async for message in client.messages:
                 self._dispatch(str(message.topic), bytes(message.payload))
@@ -164,6 +170,10 @@ class DeviceLink:
                     self._spawn(self.on_rollback(command))
                 else:
                     log.warning("rollback %s ignored: no handler is wired", command.request_id)
+            elif topic == self._topic(topics.CMD_KEYS):
+                notice = decode(KeysNotice, payload, topic=topic)
+                if self.on_keys_wanted is not None:
+                    self.on_keys_wanted(notice.serial)
             elif topic == self._topic(topics.CMD_TELEMETRY_ACK):
                 ack = decode(TelemetryAck, payload, topic=topic)
                 if self.on_telemetry_ack is not None:

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from device.atomic import write_atomic, write_json_atomic
-from device.config import DataDir, DeviceConfig, validate_device_id
+from device.config import DataDir, DeviceConfig, read_break_glass, validate_device_id
 from device.errors import ConfigError
 from device.slots import install_initial
 from device.tuf_client import bootstrap
@@ -40,14 +40,24 @@ HTTP_TIMEOUT_S = 30.0
 RENEW_WHEN_LEFT = 1 / 3  # renew once a third of the certificate's lifetime is left
 
 
-def provision(data_dir: Path, enrollment: dict[str, Any], model_archive: Path, **settings: Any) -> Manifest:
+def provision(
+    data_dir: Path,
+    enrollment: dict[str, Any],
+    model_archive: Path,
+    *,
+    break_glass_file: Path | None = None,
+    **settings: Any,
+) -> Manifest:
     """Write config, keys, certificate and the fleet's TUF root, and install the first model in slot `a`.
 
     With a token, `settings["fleet_api"]` (or the ticket's `fleet_api`) is where to enroll.
+    `break_glass_file`: the local API's break-glass credential is its first line, not a random one.
     """
     data = DataDir(data_dir)
     if data.config.exists():
         raise ConfigError(f"{data.config} exists: this data dir is already provisioned")
+    # Read before anything is written or the enrollment token spent: a bad file changes nothing.
+    break_glass = read_break_glass(break_glass_file) if break_glass_file is not None else None
     try:
         device_id = validate_device_id(str(enrollment["device_id"]))
     except KeyError as e:
@@ -78,7 +88,7 @@ def provision(data_dir: Path, enrollment: dict[str, Any], model_archive: Path, *
     if password is not None:
         data.write_secret("mqtt-password", str(password))
     data.fleet_telemetry_key.write_text(telemetry_key)
-    data.ensure_api_token()
+    data.ensure_api_token(break_glass)
     manifest = install_initial(data.models, model_archive)
     write_json_atomic(data.config, config.model_dump())
     data.enrollment_answer.unlink(missing_ok=True)
@@ -200,7 +210,8 @@ def _check_answer(
         if name in actual and actual[name] != value:
             raise ConfigError(
                 f"the enrollment answer does not match the ticket's {name}: this is not the fleet that "
-                "issued the ticket (a wrong --fleet-api, or someone in between)"
+                "issued the ticket (a wrong --fleet-api, or someone in between), or the fleet rotated "
+                "that key since: ask for a new ticket (`edgefleet fleet device-token`)"
             )
     _check_certificate(ca_pem, cert_pem, device_id, key)
 

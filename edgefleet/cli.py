@@ -11,6 +11,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from edgefleet.keys_cli import register as register_keys_commands
 from edgefleet.rollout_cli import register as register_rollout_commands
 from models.delta.cli import app as delta_app
 
@@ -25,6 +26,7 @@ app.add_typer(fleet_app, name="fleet")
 app.add_typer(models_app, name="models")
 app.add_typer(delta_app, name="delta", help="Tensor-aware model deltas: encode, apply, info.")
 register_rollout_commands(fleet_app)
+register_keys_commands(fleet_app)
 
 DataDirOpt = Annotated[Path, typer.Option("--data-dir", help="the data dir")]
 
@@ -77,6 +79,14 @@ def device_provision(
     api_host: Annotated[str, typer.Option(help="local API address")] = "127.0.0.1",
     probation_s: Annotated[float, typer.Option(help="seconds a new model is watched before commit")] = 30.0,
     health_interval_s: Annotated[float, typer.Option(help="seconds between health reports")] = 5.0,
+    break_glass_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--break-glass-file",
+            help="the local API's break-glass credential: this file's first line (at least 16 "
+            "characters) instead of a random one",
+        ),
+    ] = None,
 ) -> None:
     """Prepare a data dir: make the device's keys, enroll with the ticket's one-time token (the fleet
     signs a certificate for the device's key), and install the first model in slot a."""
@@ -94,6 +104,7 @@ def device_provision(
             probation_s=probation_s,
             health_interval_s=health_interval_s,
             fleet_api=fleet_api,
+            break_glass_file=break_glass_file,
         )
     except (DeviceError, ModelError) as e:
         _fail(str(e))

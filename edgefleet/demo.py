@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from device.api.client import for_data_dir
 from device.provision import provision
 from edgefleet.procs import Child, free_port, wait_for
 from fleet.client import FleetClient
@@ -82,10 +83,6 @@ class DeviceProcess:
     api_port: int = field(default_factory=free_port)
     child: Child | None = None
 
-    @property
-    def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
-
     def provision(self, client: FleetClient, model_archive: Path, probation_s: float = 3.0) -> None:
         """As in the field: a ticket from the fleet, spent by the device on a certificate for its key
         at the fleet's enrollment endpoint."""
@@ -108,15 +105,11 @@ class DeviceProcess:
             self.root.parent / "logs" / f"{self.device_id}.log",
         )
 
-    def api(self, path: str, method: str = "GET", **kwargs: Any) -> httpx.Response:
-        token = (self.root / "secrets" / "api-token").read_text().strip()
-        return httpx.request(
-            method,
-            f"{self.api_url}{path}",
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=10,
-            **kwargs,
-        )
+    def api(self, path: str, method: str = "GET", token: str | None = None, **kwargs: Any) -> httpx.Response:
+        """Call the device's local API as a field engineer's laptop would (HTTPS, checked against the
+        fleet CA and the device id); with the break-glass credential unless `token` is given."""
+        with for_data_dir(self.root, token) as api:
+            return api.request(method, path, **kwargs)
 
     def status(self) -> dict[str, Any]:
         if self.child and not self.child.alive():

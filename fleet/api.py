@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fleet.campaigns import Action, CampaignDriver
 from fleet.enrollment_api import add_enrollment_routes
 from fleet.errors import Conflict, InvalidRequest, NotFound
+from fleet.keys_api import add_keys_routes
 from fleet.metrics import render
 from fleet.rollouts import Phase, Target
 from fleet.service import FleetService
@@ -98,6 +99,7 @@ def create_app(service: FleetService, token: str, campaigns: CampaignDriver | No
 
         app.add_exception_handler(error, handler)
     add_enrollment_routes(app, service, Auth)  # POST /api/enroll (+ renew, tokens, revocation)
+    add_keys_routes(app, service, Auth)  # keys document, rotation, field-engineer tokens
 
     @app.get("/openapi.json", dependencies=[Auth], include_in_schema=False)
     def openapi() -> dict[str, Any]:

@@ -180,10 +180,13 @@ class FleetCA:
         lifetime: dt.timedelta | None = None,
         now: dt.datetime | None = None,
     ) -> IssuedCertificate:
-        """A client certificate naming `device_id` for the key in the CSR.
+        """A certificate naming `device_id` (CN, and a DNS SAN) for the key in the CSR.
 
+        It is the device's client certificate at the broker and the server certificate of its
+        local API: a field engineer's tool checks it against the fleet CA with `device_id` as the
+        expected host name (TLS SNI), whatever address the device has on the plant network.
         Only the CSR's public key is used; its subject and extensions are ignored, so a device
-        cannot ask for another name, a CA flag or server use.
+        cannot ask for another name or a CA flag.
         """
         try:
             require_device_name(device_id)
@@ -192,7 +195,15 @@ class FleetCA:
         csr = load_csr(csr_pem)
         key = csr.public_key()
         assert isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey)  # load_csr checked
-        return self._issue(device_id, key, lifetime or self.device_lifetime, client=True, now=now)
+        return self._issue(
+            device_id,
+            key,
+            lifetime or self.device_lifetime,
+            client=True,
+            server=True,
+            names=(device_id,),
+            now=now,
+        )
 
     def _issue(
         self,
@@ -201,11 +212,14 @@ class FleetCA:
         lifetime: dt.timedelta,
         *,
         client: bool,
+        server: bool = False,
         names: tuple[str, ...] = (),
         now: dt.datetime | None = None,
     ) -> IssuedCertificate:
         now = now or _now()
-        usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
+        if server or not client:
+            usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
         builder = (
             x509.CertificateBuilder()
             .subject_name(
@@ -236,7 +250,7 @@ class FleetCA:
                 ),
                 critical=True,
             )
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False

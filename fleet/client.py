@@ -132,3 +132,20 @@ class FleetClient:
             raise FleetApiError(f"fleet at {self._http.base_url} did not answer: {e}") from e
         if response.status_code >= 400:
             raise FleetApiError(f"DELETE window {window_id} -> {response.status_code}: {response.text}")
+
+    def keys(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/api/keys"))
+
+    def rotate_keys(self, **what: Any) -> dict[str, Any]:
+        return dict(self._call("POST", "/api/keys/rotate", json=what))
+
+    def issue_field_token(self, engineer: str, role: str, devices: list[str], hours: float) -> dict[str, Any]:
+        body = {"engineer": engineer, "role": role, "devices": devices, "hours": hours}
+        return dict(self._call("POST", "/api/field-tokens", json=body))
+
+    def field_tokens(self, include_expired: bool = False) -> list[dict[str, Any]]:
+        params = {"include_expired": "true"} if include_expired else None
+        return list(self._call("GET", "/api/field-tokens", params=params))
+
+    def revoke_field_token(self, jti: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/api/field-tokens/{jti}/revoke"))

@@ -102,7 +102,7 @@ def open_database(url_or_path: str | Path) -> sessionmaker[Any]:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     # Their tables live on the same Base; importing the modules registers them.
-    from fleet import enrollment, rollout_db  # noqa: F401
+    from fleet import enrollment, field_tokens, rollout_db  # noqa: F401
 
     Base.metadata.create_all(engine)
     return sessionmaker(engine, expire_on_commit=False)

@@ -20,7 +20,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.primitives import serialization
 from sqlalchemy import ForeignKey, Index, String, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -30,6 +29,7 @@ from fleet.db import Base, Device
 from fleet.errors import FleetError, InvalidRequest, NotFound
 from models.errors import ModelError
 from models.signing import load_public_key
+from protocol.keys_document import public_key_text
 
 if TYPE_CHECKING:
     from fleet.service import FleetService
@@ -265,11 +265,7 @@ class Enrollment:
         return answer
 
     def _telemetry_key_pem(self) -> str:
-        return (
-            self.service.telemetry_key.public_key()
-            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-            .decode()
-        )
+        return public_key_text(self.service.telemetry_key.public_key())
 
     # -- renewing -----------------------------------------------------------------------------
     def renew(self, certificate_pem: str, csr_pem: str, client: str = "?") -> dict[str, Any]:

@@ -2,17 +2,24 @@
 became of each, so the worker can receipt every record only after its row is committed.
 
 Per record the work is the envelope's crypto (an X25519 exchange and an Ed25519 verify, about
-0.2 ms of CPU here) and one row. Batching takes the rest off the per-record path: one
-transaction and one multi-row `INSERT ... ON CONFLICT (device_id, seq) DO NOTHING RETURNING` per
-batch instead of a session and a commit per record, one query for the device keys a batch still
-lacks, one thread hop per batch. The unique (device, seq) constraint is still what drops a
-duplicate, so workers in other processes sharing the subscription never store a record twice.
+0.2 ms of CPU here; the ML-KEM-768+X25519 hybrid adds an ML-KEM decapsulation) and one row.
+Batching takes the rest off the per-record path: one transaction and one multi-row
+`INSERT ... ON CONFLICT (device_id, seq) DO NOTHING RETURNING` per batch instead of a session and
+a commit per record, one query for the device keys a batch still lacks, one thread hop per batch.
+The unique (device, seq) constraint is still what drops a duplicate, so workers in other
+processes sharing the subscription never store a record twice.
 The crypto can run in worker processes (`IngestBatcher(processes=N)`): `cryptography` holds the
 GIL through these small operations, so threads would not run them in parallel.
 
+Fleet keys may be of either KEM (protocol/sealed.py) and may change while ingest runs (a rotation):
+`TelemetryIngest` takes a mapping or a function returning the current one, read once per batch,
+and a worker process gets the keys as (kem, PKCS#8 PEM) with each batch, loading only what changed.
+
 Outcomes, as counted in `FleetService.telemetry_counts` and receipted by the worker:
 `stored`, `duplicate` (receipted as stored), `rejected: <why>` (refused for good: receipted as
-refused), `deferred: <why>` (the device's key is not pinned yet: not receipted, so it comes again),
+refused; but `rejected: UnknownKeyError`, sealed to a fleet key this fleet does not hold, e.g. one
+rotated away, is receipted as `rekey`: the device seals it again to the current key),
+`deferred: <why>` (the device's key is not pinned yet: not receipted, so it comes again),
 `error: <why>` (this batch failed on the fleet's side: not receipted).
 """
 
@@ -25,11 +32,11 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from functools import partial
+from typing import Any, Literal, TypeAlias
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import Insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
@@ -40,19 +47,32 @@ from models.errors import ModelError
 from models.signing import load_public_key
 from protocol.errors import ProtocolError
 from protocol.messages import TelemetryRecord, decode
-from protocol.sealed import ForgedSenderError, open_sealed, peek_header
+from protocol.sealed import (
+    ForgedSenderError,
+    TelemetryPrivateKey,
+    UnknownKeyError,
+    kem_of,
+    open_sealed,
+    peek_header,
+    private_from_bytes,
+    private_to_bytes,
+)
 
 log = logging.getLogger(__name__)
 
 STORED = "stored"
 DUPLICATE = "duplicate"
 NOT_PINNED = "deferred: no device key pinned yet"
+UNKNOWN_KEY = f"rejected: {UnknownKeyError.__name__}"
 MAX_BATCH = 2000  # records per transaction: big enough to amortise it, small enough to commit in ms
 LINGER_S = 0.02  # how long a batch may wait to fill once a record is waiting
 
 # What opening one envelope gives: ("ok", seq, kind, ts, body) or ("rejected", seq, outcome, message)
 # or ("deferred", seq, outcome, ""); plain tuples, because they cross process boundaries.
 Opened = tuple[Any, ...]
+FleetKeys: TypeAlias = Mapping[str, TelemetryPrivateKey]
+# How a fleet key crosses to a worker process: key id -> (kem, private_to_bytes(key)).
+WireKeys: TypeAlias = dict[str, tuple[str, bytes]]
 
 
 @dataclass(frozen=True)
@@ -71,12 +91,15 @@ class Outcome:
     outcome: str
 
     @property
-    def receipt(self) -> Literal["stored", "refused"] | None:
-        """How the device is told: stored (or already held), refused for good, or not at all."""
+    def receipt(self) -> Literal["stored", "refused", "rekey"] | None:
+        """How the device is told: stored (or already held), refused for good, sealed to a key the
+        fleet does not hold (send it again sealed to the current key), or not at all."""
         if self.seq is None:
             return None
         if self.outcome in (STORED, DUPLICATE):
             return "stored"
+        if self.outcome == UNKNOWN_KEY:
+            return "rekey"
         if self.outcome.startswith("rejected"):
             return "refused"
         return None
@@ -93,7 +116,7 @@ def _receipt_seq(envelope: bytes, device_id: str) -> int | None:
 def open_one(
     envelope: bytes,
     device_id: str,
-    fleet_keys: Mapping[str, X25519PrivateKey],
+    fleet_keys: FleetKeys,
     device_key: Ed25519PublicKey | None,
 ) -> Opened:
     """Open and check one envelope from `device_id`'s topic, whose pinned key is `device_key`."""
@@ -111,16 +134,33 @@ def open_one(
     return ("ok", opened.seq, record.kind, record.ts, record.body)
 
 
-# -- the process pool's side: keys arrive as raw bytes and are loaded once per process -----------
-_pool_fleet_keys: dict[str, X25519PrivateKey] = {}
+# -- the process pool's side: keys arrive as (kem, bytes) and are loaded once per process ----------
+_pool_fleet_keys: dict[str, TelemetryPrivateKey] = {}
+_pool_fleet_wire: WireKeys = {}
 _pool_device_keys: dict[bytes, Ed25519PublicKey] = {}
 
 
-def _pool_init(fleet_keys: dict[str, bytes]) -> None:
-    _pool_fleet_keys.update({k: X25519PrivateKey.from_private_bytes(v) for k, v in fleet_keys.items()})
+def _to_wire(fleet_keys: FleetKeys) -> WireKeys:
+    return {kid: (kem_of(key), private_to_bytes(key)) for kid, key in fleet_keys.items()}
 
 
-def _pool_open(items: list[tuple[bytes, str, bytes | None]]) -> list[Opened]:
+def _pool_sync_keys(wire: WireKeys) -> None:
+    """Hold exactly the keys in `wire`: load the ones new or changed since the last batch, drop the
+    ones the fleet no longer opens with (a rotation's grace ended)."""
+    for kid in _pool_fleet_keys.keys() - wire.keys():
+        del _pool_fleet_keys[kid], _pool_fleet_wire[kid]
+    for kid, entry in wire.items():
+        if _pool_fleet_wire.get(kid) != entry:
+            _pool_fleet_keys[kid] = private_from_bytes(*entry)
+            _pool_fleet_wire[kid] = entry
+
+
+def _pool_init(fleet_keys: WireKeys) -> None:
+    _pool_sync_keys(fleet_keys)
+
+
+def _pool_open(items: list[tuple[bytes, str, bytes | None]], fleet_keys: WireKeys) -> list[Opened]:
+    _pool_sync_keys(fleet_keys)
     out = []
     for envelope, device_id, raw in items:
         key = None
@@ -139,34 +179,45 @@ def _raw(key: Ed25519PublicKey) -> bytes:
 class EnvelopeOpener:
     """Opens envelopes in this thread, or spread over `processes` child processes."""
 
-    def __init__(self, fleet_keys: Mapping[str, X25519PrivateKey], processes: int = 0) -> None:
+    def __init__(self, fleet_keys: FleetKeys, processes: int = 0) -> None:
         if processes < 0:
             raise ValueError(f"processes must be 0 (open in this process) or more, not {processes}")
-        self.fleet_keys = dict(fleet_keys)
         self.processes = processes
+        # (keys, their wire form), swapped in one assignment so a reader in another thread sees a pair.
+        self._keys: tuple[dict[str, TelemetryPrivateKey], WireKeys] = ({}, {})
+        self.use_keys(fleet_keys)
         self._pool: ProcessPoolExecutor | None = None
         if processes:
-            raw = {
-                kid: key.private_bytes(
-                    serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
-                )
-                for kid, key in self.fleet_keys.items()
-            }
             # spawn: the fleet process has threads (asyncio, SQLite, paho); forking it is not safe.
             self._pool = ProcessPoolExecutor(
                 processes,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_pool_init,
-                initargs=(raw,),
+                initargs=(self._keys[1],),
             )
 
+    @property
+    def fleet_keys(self) -> dict[str, TelemetryPrivateKey]:
+        return self._keys[0]
+
+    def use_keys(self, fleet_keys: FleetKeys) -> None:
+        """Open with these keys from now on (after a rotation); nothing to do when they are the ones
+        in use. Worker processes load the change with the next batch they are given."""
+        keys = dict(fleet_keys)
+        current = self._keys[0]
+        if keys.keys() == current.keys() and all(keys[k] is current[k] for k in keys):
+            return
+        self._keys = (keys, _to_wire(keys) if self.processes else {})
+
     def open(self, items: list[tuple[bytes, str, Ed25519PublicKey | None]]) -> list[Opened]:
+        keys, wire_keys = self._keys
         if self._pool is None or len(items) < 2:
-            return [open_one(envelope, device, self.fleet_keys, key) for envelope, device, key in items]
+            return [open_one(envelope, device, keys, key) for envelope, device, key in items]
         wire = [(envelope, device, _raw(key) if key else None) for envelope, device, key in items]
         size = -(-len(wire) // self.processes)
         chunks = [wire[i : i + size] for i in range(0, len(wire), size)]
-        return [opened for part in self._pool.map(_pool_open, chunks) for opened in part]
+        work = partial(_pool_open, fleet_keys=wire_keys)
+        return [opened for part in self._pool.map(work, chunks) for opened in part]
 
     def close(self) -> None:
         if self._pool is not None:
@@ -199,17 +250,25 @@ class TelemetryIngest:
     def __init__(
         self,
         sessions: sessionmaker[Session],
-        fleet_keys: Mapping[str, X25519PrivateKey],
+        fleet_keys: FleetKeys | Callable[[], FleetKeys],
         counts: Counter[str],
         key_cache: MutableMapping[str, Ed25519PublicKey] | None = None,
     ) -> None:
+        """`fleet_keys`: the fleet's telemetry keys by key id, or a function returning the current
+        ones (read once per batch, e.g. a keyring's, so a rotation reaches ingest without a restart)."""
         self.sessions = sessions
-        self.fleet_keys = dict(fleet_keys)
+        self._fleet_keys = fleet_keys if callable(fleet_keys) else dict(fleet_keys)
         self.counts = counts
         # Pinned device keys, loaded once (others may drop an entry when they re-pin a key).
         self.keys: MutableMapping[str, Ed25519PublicKey] = key_cache if key_cache is not None else {}
         self._lock = threading.Lock()
         self._inline = EnvelopeOpener(self.fleet_keys)
+
+    @property
+    def fleet_keys(self) -> dict[str, TelemetryPrivateKey]:
+        """The keys envelopes are opened with now."""
+        source = self._fleet_keys
+        return dict(source() if callable(source) else source)
 
     def ingest(self, batch: list[Arrival], opener: EnvelopeOpener | None = None) -> list[Outcome]:
         """One outcome per arrival, in order. Stored rows are committed when this returns; if the
@@ -217,6 +276,7 @@ class TelemetryIngest:
         if not batch:
             return []
         opener = opener or self._inline
+        opener.use_keys(self.fleet_keys)
         cached = set(self.keys)
         self._load_keys({a.device_id for a in batch})
         opened = opener.open([(a.envelope, a.device_id, self.keys.get(a.device_id)) for a in batch])

@@ -70,7 +70,7 @@ class FleetWorker:
         self.connected = asyncio.Event()
         self.handled: Counter[str] = Counter()  # messages per leaf, to see how workers split the load
         # Per device: seqs stored (or already held) and seqs refused for good, not yet told to it.
-        self._receipts: dict[str, tuple[list[int], list[int]]] = {}
+        self._receipts: dict[str, tuple[list[int], list[int], list[int]]] = {}  # stored, refused, rekey
         self._client: aiomqtt.Client | None = None
         self.telemetry = IngestBatcher(service.telemetry_ingest, self._receipt_all, processes=open_processes)
 
@@ -105,11 +105,12 @@ class FleetWorker:
         due = max(
             RECEIPTS_PER_TICK, math.ceil(len(self._receipts) * RECEIPT_INTERVAL_S / RECEIPT_MAX_DELAY_S)
         )
-        queue: deque[tuple[str, list[int], list[int]]] = deque()
+        queue: deque[tuple[str, list[int], list[int], list[int]]] = deque()
         for device_id in list(itertools.islice(self._receipts, due)):  # oldest first: insertion order
-            stored, refused = self._receipts.pop(device_id)
-            for i in range(0, max(len(stored), len(refused)), RECEIPT_MAX_SEQS):
-                queue.append((device_id, stored[i : i + RECEIPT_MAX_SEQS], refused[i : i + RECEIPT_MAX_SEQS]))
+            stored, refused, rekey = self._receipts.pop(device_id)
+            for i in range(0, max(len(stored), len(refused), len(rekey)), RECEIPT_MAX_SEQS):
+                part = slice(i, i + RECEIPT_MAX_SEQS)
+                queue.append((device_id, stored[part], refused[part], rekey[part]))
 
         async def send() -> None:
             while queue:
@@ -121,8 +122,10 @@ class FleetWorker:
 
         await asyncio.gather(*(send() for _ in range(RECEIPTS_IN_FLIGHT)))
 
-    async def _send_receipt(self, device_id: str, stored: list[int], refused: list[int]) -> None:
-        ack = TelemetryAck(stored=stored, refused=refused)
+    async def _send_receipt(
+        self, device_id: str, stored: list[int], refused: list[int], rekey: list[int]
+    ) -> None:
+        ack = TelemetryAck(stored=stored, refused=refused, rekey=rekey)
         try:
             await self.publish(topics.device_topic(device_id, topics.CMD_TELEMETRY_ACK), encode(ack), 1)
         except (aiomqtt.MqttError, TimeoutError) as e:  # the device resends; we receipt it then
@@ -130,12 +133,13 @@ class FleetWorker:
 
     def _receipt_all(self, outcomes: list[Outcome]) -> None:
         """A committed batch's receipts. Stored and duplicate records are receipted, refused ones
-        too (the device counts them); deferred ones are not, so the device sends them again later."""
+        too (the device counts them), and those sealed to a key this fleet no longer holds as
+        `rekey` (the device seals them again); deferred ones are not, so the device resends them."""
         for outcome in outcomes:
             kind = outcome.receipt
             if kind is not None and outcome.seq is not None:
-                stored, refused = self._receipts.setdefault(outcome.device_id, ([], []))
-                (stored if kind == "stored" else refused).append(outcome.seq)
+                lists = self._receipts.setdefault(outcome.device_id, ([], [], []))
+                lists[("stored", "refused", "rekey").index(kind)].append(outcome.seq)
 
     async def _connect_loop(self) -> None:
         attempt = 0

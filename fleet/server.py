@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 
 import uvicorn
 
+from fleet import key_rotation
 from fleet.api import create_app
 from fleet.broker import ManagedBroker
 from fleet.campaigns import CampaignDriver
@@ -137,6 +138,7 @@ async def _resign_forever(service: FleetService, every_s: float = 3600.0) -> Non
             renewed = await asyncio.to_thread(service.tuf.refresh_expiring)
             if renewed:
                 log.info("re-signed TUF metadata: %s", ", ".join(renewed))
+            await key_rotation.prune(service)  # retired keys past their grace, expired revocations
         except Exception:
             log.exception("re-signing TUF metadata failed; trying again in %.0f s", every_s)
         await asyncio.sleep(every_s)

@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -25,7 +24,10 @@ from fleet import broker_auth, maintenance, rollouts
 from fleet.db import Device, ModelVersion, TelemetryRecordRow, Update, UpdateEvent
 from fleet.deltas import DeltaArtifact, delta_path, package_delta
 from fleet.errors import Conflict, InvalidRequest, NotFound
+from fleet.field_tokens import FieldTokens
 from fleet.ingest import Arrival, TelemetryIngest
+from fleet.key_rotation import publish_keys_document
+from fleet.keyring import FleetKeyring
 from fleet.store import FleetDataDir
 from fleet.tuf_repository import TufRepository
 from models.errors import ModelError
@@ -35,6 +37,7 @@ from models.package_delta import manifest_sha256
 from models.signing import load_public_key
 from protocol import topics
 from protocol.frames import Chunk, encode_chunk
+from protocol.keys_document import public_key_text
 from protocol.messages import (
     ChunkRequest,
     DeltaPayload,
@@ -47,7 +50,7 @@ from protocol.messages import (
     UpdateStatus,
     encode,
 )
-from protocol.sealed import fleet_key_id
+from protocol.sealed import TelemetryPrivateKey
 from protocol.targets import archive_target_name, delta_target_name
 
 log = logging.getLogger(__name__)
@@ -82,8 +85,10 @@ class FleetService:
         self.tuf = TufRepository.in_data_dir(data)
         if not self.tuf.initialized:
             self.tuf.init()
-        self.telemetry_key = data.telemetry_key()
-        self.telemetry_key_id = fleet_key_id(self.telemetry_key.public_key())
+        # Telemetry and field-token keys, rotated by `fleet keys rotate` (fleet/key_rotation.py).
+        self.keyring = FleetKeyring(data.secrets / "keys", legacy_telemetry_key=data.telemetry_key_path)
+        self.field_tokens = FieldTokens(sessions, self.keyring)
+        publish_keys_document(self)
         self.telemetry_counts: Counter[str] = Counter()  # stored, duplicate, rejected:<reason>
         self.pruned: Counter[str] = Counter()  # telemetry rows deleted by retention, per kind
         self._device_keys: dict[str, Ed25519PublicKey] = {}
@@ -92,6 +97,15 @@ class FleetService:
         self.rejected_messages = 0
         self._fleet_password_hash: str | None = None
         self.clock: Callable[[], float] = time.time  # the fleet's clock for campaigns (tests set it)
+
+    @property
+    def telemetry_key(self) -> TelemetryPrivateKey:
+        """The key devices seal to now (older ones still open envelopes: `keyring.telemetry_keys()`)."""
+        return self.keyring.current_telemetry_key()[1]
+
+    @property
+    def telemetry_key_id(self) -> str:
+        return self.keyring.current_telemetry_key()[0]
 
     # -- broker credentials -------------------------------------------------------------------
     def write_broker_auth(self) -> None:
@@ -144,9 +158,7 @@ class FleetService:
             "fleet_url": self.broker_url,
             "mqtt_password": password,
             "tuf_root": self.tuf.trusted_root().decode(),
-            "fleet_telemetry_key": self.telemetry_key.public_key()
-            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-            .decode(),
+            "fleet_telemetry_key": public_key_text(self.telemetry_key.public_key()),
         }
 
     def list_devices(self) -> list[dict[str, Any]]:
@@ -549,8 +561,11 @@ class FleetService:
     @functools.cached_property
     def telemetry_ingest(self) -> TelemetryIngest:
         """The batched ingest path (fleet/ingest.py); its key cache is `_device_keys`."""
-        keys = {self.telemetry_key_id: self.telemetry_key}
-        return TelemetryIngest(self.sessions, keys, self.telemetry_counts, key_cache=self._device_keys)
+        # The function, read once per batch: a rotation reaches ingest (and its worker processes)
+        # without a restart, and keys in their grace period keep opening.
+        return TelemetryIngest(
+            self.sessions, self.keyring.telemetry_keys, self.telemetry_counts, key_cache=self._device_keys
+        )
 
     def on_telemetry(self, device_id: str, envelope: bytes) -> str:
         """Open, check and store one sealed record (the MQTT worker ingests them in batches).

@@ -260,6 +260,28 @@ class TufRepository:
             self._publish_from_targets(root, targets_md)
         return files[0]
 
+    def publish_document(self, name: str, data: bytes, custom: Mapping[str, Any]) -> TargetFile:
+        """List a small document (not a model) as target `name`, its bytes carried in its custom
+        field `document` as well, so a device has it with the targets metadata it already fetches.
+        Publishing the same bytes again changes nothing and signs nothing."""
+        self._check_target_name(name)
+        target = TargetFile(
+            len(data),
+            {"sha256": hashlib.sha256(data).hexdigest()},
+            name,
+            {"custom": {**custom, "document": data.decode()}},
+        )
+        with self._locked():
+            root = self._load(Root).signed
+            targets_md = self._load(Targets)
+            listed = targets_md.signed.targets.get(name)
+            if listed is not None and listed.hashes == target.hashes:
+                return listed
+            targets_md.signed.targets[name] = target
+            self._bump(targets_md.signed, self.expiries.targets)
+            self._publish_from_targets(root, targets_md)
+        return target
+
     def remove_target(self, name: str) -> None:
         """Unlist a target (and nothing else): devices stop finding it after their next refresh."""
         with self._locked():

@@ -198,6 +198,17 @@ class TelemetryAck(Message):
 
     stored: list[int] = Field(default=[], max_length=10_000)
     refused: list[int] = Field(default=[], max_length=10_000)
+    # Sealed to a fleet key the fleet no longer holds (rotated away): the device refreshes the keys
+    # document and sends these again, re-sealed; they stay in its outbox meanwhile.
+    rekey: list[int] = Field(default=[], max_length=10_000)
+
+
+class KeysNotice(Message):
+    """Sent by the fleet on `<id>/cmd/keys` when its keys document changed (a key rotated, a field
+    token revoked): the device refreshes its TUF metadata now rather than at its next periodic
+    refresh. It carries no key; the signed document is the only source of those."""
+
+    serial: int = Field(ge=1)
 
 
 class DeltaPayload(Message):

@@ -22,6 +22,7 @@ CMD_CHUNK = "cmd/chunk"
 CMD_ROLLBACK = "cmd/rollback"  # go back to the version the other slot holds
 CMD_METADATA = "cmd/meta"  # the file asked for, as a chunk frame named after it (total 0: no such file)
 CMD_TELEMETRY_ACK = "cmd/telemetry-ack"  # the fleet's end-to-end receipt for sealed records
+CMD_KEYS = "cmd/keys"  # the fleet's keys document changed: refresh TUF metadata
 
 
 def is_valid_device_id(device_id: str) -> bool:

@@ -1,5 +1,8 @@
 """The app factory: explicit dependencies in, one FastAPI app out. Auth on all but liveness.
 
+Auth (device/api/auth.py): the break-glass credential or a fleet-signed field token; GETs need the
+viewer role, everything else the technician role, the infer fast path included.
+
 Errors are `{"error": message}` everywhere, the shape Triton's and KServe's clients read.
 
 Inference requests (`POST /v2/models/{name}[/versions/{v}]/infer`) are answered by `InferFastPath`
@@ -10,7 +13,6 @@ composition without the fast path.
 """
 
 import asyncio
-import hmac
 import json
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -24,6 +26,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from device.api.auth import (
+    SCHEME_DESCRIPTION,
+    TECHNICIAN,
+    Authenticator,
+    Principal,
+    Role,
+    TrustSource,
+    role_for,
+)
 from device.api.limits import (
     ASGIApp,
     BodySizeLimit,
@@ -56,7 +67,7 @@ INFER_DOC = (
     "tensors (Triton's binary tensor data extension: header `Inference-Header-Content-Length`, "
     "`parameters.binary_data_size` per input, `binary_data` per output or `binary_data_output`)."
 )
-bearer = HTTPBearer(auto_error=False, description="the device's API token (secrets/api-token)")
+bearer = HTTPBearer(auto_error=False, description=SCHEME_DESCRIPTION)
 
 
 def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
@@ -83,7 +94,8 @@ INFER_BODY = {
 
 # One infer call: model name, version or None, request headers, raw body -> body, JSON part's length.
 InferCall = Callable[[str, str | None, Mapping[str, str], bytes], Awaitable[tuple[bytes, int | None]]]
-Authorize = Callable[[str, str | None], None]
+# client address, bearer credential or None, role needed -> who it is (or an HTTPException)
+Authorize = Callable[[str, str | None, Role], Principal]
 
 
 def error_status(e: Exception) -> tuple[int, str, dict[str, str]] | None:
@@ -101,23 +113,6 @@ def error_status(e: Exception) -> tuple[int, str, dict[str, str]] | None:
     if isinstance(e, UnsupportedEncoding):
         return 415, str(e), {}
     return None
-
-
-def token_checker(token: str, limiter: FailedLoginLimiter) -> Authorize:
-    def authorize(client: str, credentials: str | None) -> None:
-        wait = limiter.blocked_for(client)
-        if wait > 0:
-            raise HTTPException(
-                429,
-                f"too many failed logins; retry in {wait:.0f} s",
-                headers={"Retry-After": str(int(wait) + 1)},
-            )
-        if credentials is None or not hmac.compare_digest(credentials.encode(), token.encode()):
-            if credentials is not None:  # a wrong token is a guess; a missing one is not counted
-                limiter.failed(client)
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
-    return authorize
 
 
 def bearer_credentials(authorization: str | None) -> str | None:
@@ -145,7 +140,9 @@ class InferFastPath:
         client = scope.get("client")
         try:
             self.authorize(
-                client[0] if client else "unknown", bearer_credentials(headers.get("authorization"))
+                client[0] if client else "unknown",
+                bearer_credentials(headers.get("authorization")),
+                TECHNICIAN,  # running a model is a technician's act, as on the FastAPI route
             )
             body = await _read_body(receive)
             if body is None:
@@ -189,8 +186,15 @@ def create_app(
     metrics_extra: Callable[[], dict[str, Any]] = dict,
     limiter: FailedLoginLimiter | None = None,
     routers: Sequence[APIRouter] = (),
+    *,
+    field_trust: TrustSource | None = None,
+    device_id: str | None = None,
 ) -> Any:
-    authorize = token_checker(token, limiter or FailedLoginLimiter())
+    """The device's local API. `token` is the break-glass credential (technician). With
+    `field_trust` (the fleet's token keys and revocations, None until the device has them) and
+    `device_id`, fleet-signed field tokens for this device are accepted too."""
+    authenticator = Authenticator(token, limiter or FailedLoginLimiter(), field_trust, device_id)
+    authorize = authenticator.authorize
     app = FastAPI(title="edgefleet device", version="1", docs_url=None, redoc_url=None, openapi_url=None)
 
     async def require_token(  # async: a sync dependency would cost a thread hop per request
@@ -198,7 +202,9 @@ def create_app(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> None:
         client = request.client.host if request.client else "unknown"
-        authorize(client, credentials.credentials if credentials else None)
+        request.state.principal = authorize(
+            client, credentials.credentials if credentials else None, role_for(request.method)
+        )
 
     Auth = Depends(require_token)
 

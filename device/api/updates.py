@@ -1,7 +1,9 @@
 """Local API routes for safe updates: the line state (busy/idle) and a field engineer's rollback.
 
 `router(updater, line)` holds the routes without auth; `create_app(..., routers=[...])` includes
-it behind the same bearer token and failed-login limiter as every other route.
+it behind the same auth and failed-login limiter as every other route. The role follows the method
+(device/api/auth.py `role_for`): `GET /api/line` is for viewers; setting the line state and a
+rollback change the device, so they need a technician.
 """
 
 import re

@@ -4,6 +4,11 @@ The broker's PUBACK only says the broker has the message; the record leaves the 
 fleet says it stored it (or refused it for good, which is counted). Records sent but not receipted
 within `RESEND_AFTER_S` are sent again from the oldest; the fleet drops the duplicates by
 (device, seq). So a broker or fleet-worker crash costs a resend, not a record.
+
+Records are sealed when they are sent, to the fleet key `fleet_key()` names then, so a key the
+fleet rotated to applies to the backlog too. Records the fleet sends back as sealed to a key it
+no longer holds (`rekey`) stay in the outbox: sending pauses until the keys document changed (or
+`REKEY_WAIT_S` passed) and starts over from the oldest.
 """
 
 import asyncio
@@ -13,18 +18,19 @@ import time
 from collections.abc import Awaitable, Callable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from device.telemetry.outbox import Outbox
 from protocol.messages import TelemetryAck
-from protocol.sealed import fleet_key_id, seal
+from protocol.sealed import TelemetryPublicKey, seal
 
 log = logging.getLogger(__name__)
 BATCH = 64
 IDLE_POLL_S = 0.5
 RESEND_AFTER_S = 15.0
+REKEY_WAIT_S = 30.0
 
 PublishBatch = Callable[[list[bytes]], Awaitable[None]]
+FleetKeySource = Callable[[], tuple[str, TelemetryPublicKey]]  # (key id, public key) to seal to now
 
 
 class TelemetrySender:
@@ -33,22 +39,26 @@ class TelemetrySender:
         outbox: Outbox,
         device_id: str,
         device_key: Ed25519PrivateKey,
-        fleet_public: X25519PublicKey,
+        fleet_key: FleetKeySource,
         connected: asyncio.Event,
         publish_batch: PublishBatch,
         resend_after_s: float = RESEND_AFTER_S,
+        on_rekey: Callable[[], None] = lambda: None,
     ) -> None:
         self.resend_after_s = resend_after_s
         self.outbox = outbox
         self.device_id = device_id
         self.device_key = device_key
-        self.fleet_public = fleet_public
-        self.fleet_key_id = fleet_key_id(fleet_public)
+        self.fleet_key = fleet_key
+        self.on_rekey = on_rekey  # asks for a keys refresh
         self.connected = connected
         self.publish_batch = publish_batch
         self.sent = 0
         self.receipted = 0
         self.refused_by_fleet = 0
+        self.rekeyed = 0  # records the fleet sent back to be re-sealed to its current key
+        self.keys_changed = asyncio.Event()
+        self._rekey_pending = False
         self.cursor = 0  # highest seq published and not yet due for a resend
         self.last_progress = time.monotonic()
         self.wakeup = asyncio.Event()
@@ -58,8 +68,22 @@ class TelemetrySender:
         """Producers in other threads call this after a put, so records leave without polling delay."""
         self._loop.call_soon_threadsafe(self.wakeup.set)
 
+    def keys_changed_threadsafe(self) -> None:
+        """The keys document changed (called from the thread that refreshed it)."""
+        self._loop.call_soon_threadsafe(self.keys_changed.set)
+
     async def on_receipt(self, ack: TelemetryAck) -> None:
         """The fleet's receipt: only now do records leave the outbox."""
+        if ack.rekey:
+            self.rekeyed += len(ack.rekey)
+            if not self._rekey_pending:
+                log.warning(
+                    "the fleet no longer holds the key %d record(s) were sealed to; refreshing keys",
+                    len(ack.rekey),
+                )
+                self._rekey_pending = True
+                self.keys_changed.clear()
+                self.on_rekey()
         done = await asyncio.to_thread(self.outbox.ack_many, [*ack.stored, *ack.refused])
         self.receipted += done
         self.refused_by_fleet += len(ack.refused)
@@ -69,14 +93,15 @@ class TelemetrySender:
 
     def _seal_batch(self) -> tuple[list[int], list[bytes]]:
         records = self.outbox.peek(BATCH, after=self.cursor)
+        key_id, public = self.fleet_key()
         envelopes = [
             seal(
                 r.payload,
                 device_id=self.device_id,
                 seq=r.seq,
                 device_key=self.device_key,
-                fleet_public=self.fleet_public,
-                fleet_key_id=self.fleet_key_id,
+                fleet_public=public,
+                fleet_key_id=key_id,
             )
             for r in records
         ]
@@ -89,6 +114,12 @@ class TelemetrySender:
     async def run(self) -> None:
         while True:
             await self.connected.wait()
+            if self._rekey_pending:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.keys_changed.wait(), REKEY_WAIT_S)
+                self._rekey_pending = False
+                self.cursor = 0  # everything unreceipted goes again, sealed to the key known now
+                self.last_progress = time.monotonic()
             if self._due_for_resend():
                 log.info(
                     "no receipt from the fleet for %.0f s; resending unreceipted telemetry",

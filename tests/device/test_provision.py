@@ -293,3 +293,36 @@ def test_the_agents_renewal_task_renews_a_certificate_that_is_due(
 
         asyncio.run(asyncio.wait_for(until_renewed(), 20))
     assert [c["how"] for c in enrollment_of(service).certificates("cam-1")][:2] == ["enroll", "renew"]
+
+
+def test_a_break_glass_credential_from_a_file_becomes_the_api_secret(
+    tmp_path: Path, archives: dict[int, Path], tuf_root: str
+) -> None:
+    secret_file = tmp_path / "break-glass.txt"
+    secret_file.write_text("  Plant7-service-credential-2026  \nsecond line is ignored\n")
+    provision(tmp_path / "d", enrollment(tuf_root), archives[1], break_glass_file=secret_file)
+    data = DataDir(tmp_path / "d")
+    assert data.secret("api-token") == "Plant7-service-credential-2026"
+    assert os.stat(data.secrets / "api-token").st_mode & 0o777 == 0o600
+    assert data.ensure_api_token() == "Plant7-service-credential-2026", "kept, not replaced"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("short-secret-15\n", "has 15 characters; use at least 16"),
+        ("", "has 0 characters"),
+        ("sixteen or more but spaced\n", "without spaces"),
+        ("eft1.looks-like-a-field-token\n", "must not start with 'eft1.'"),
+        (None, "cannot read the break-glass file"),
+    ],
+)
+def test_a_weak_or_unreadable_break_glass_credential_is_refused_before_anything_is_written(
+    tmp_path: Path, archives: dict[int, Path], tuf_root: str, content: str | None, message: str
+) -> None:
+    secret_file = tmp_path / "break-glass.txt"
+    if content is not None:
+        secret_file.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        provision(tmp_path / "d", enrollment(tuf_root), archives[1], break_glass_file=secret_file)
+    assert not (tmp_path / "d").exists()

@@ -47,7 +47,10 @@ def test_a_device_certificate_names_the_device_and_nothing_the_csr_asked_for(ca:
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "cam-1"
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    # Client at the broker, server of its local API; named for host-name checks of that API.
+    assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["cam-1"]
     assert cert.public_key() == key.public_key()
     assert cert.serial_number == issued.serial
     cert.verify_directly_issued_by(ca.certificate)

@@ -24,8 +24,16 @@ from fleet.ingest import (
     TelemetryIngest,
 )
 from models.signing import public_key_pem
+from protocol import sealed
 from protocol.messages import TelemetryRecord, encode
-from protocol.sealed import fleet_key_id, seal
+from protocol.sealed import (
+    KEM_MLKEM768_X25519,
+    TelemetryPrivateKey,
+    fleet_key_id,
+    generate_telemetry_key,
+    peek_kem,
+    seal,
+)
 
 
 class Fleet:
@@ -115,7 +123,7 @@ def test_one_batch_stores_new_records_and_says_what_became_of_each(fleet: Fleet)
         (4, "refused"),
         (5, "refused"),
         (None, None),  # it names cam-0, so it is not cam-2's seq to refuse
-        (6, "refused"),
+        (6, "rekey"),  # sealed to a key this fleet does not hold: re-seal it
         (None, None),
         (None, None),  # deferred: the device sends it again once its key is pinned
         (7, "stored"),
@@ -294,3 +302,74 @@ def test_receipts_go_to_the_longest_waiting_devices_within_the_delay_bound(tmp_p
     worker._receipt_all([Outcome("big", seq, STORED) for seq in range(mqtt_worker.RECEIPT_MAX_SEQS + 5)])
     asyncio.run(worker._send_receipts())
     assert [len(ack.stored) for _, ack in sent] == [mqtt_worker.RECEIPT_MAX_SEQS, 5]
+
+
+def test_hybrid_key_envelopes_are_ingested_end_to_end_through_a_worker_process(fleet: Fleet) -> None:
+    """A fleet holding an X25519 and a post-quantum hybrid key (a rotation in progress) stores what
+    was sealed to either, opened in a worker process; the hybrid key crosses to it as (kem, PEM)."""
+    if not sealed.hybrid_supported():
+        pytest.skip("this cryptography build has no ML-KEM (needs OpenSSL 3.5+/AWS-LC)")
+    hybrid = generate_telemetry_key(KEM_MLKEM768_X25519)
+    hybrid_id = fleet_key_id(hybrid.public_key())
+    assert hybrid_id.startswith("pq-")
+    keys: dict[str, TelemetryPrivateKey] = {fleet.key_id: fleet.key}
+    counts: Counter[str] = Counter()
+    ingest = TelemetryIngest(open_database(fleet.path), lambda: keys, counts)  # read once per batch
+    pq = {"fleet_public": hybrid.public_key(), "fleet_key_id": hybrid_id}
+    pool = EnvelopeOpener(ingest.fleet_keys, processes=1)
+    try:
+        # Before the fleet holds the hybrid key, what is sealed to it is refused as an unknown key.
+        early = ingest.ingest([Arrival("cam-0", fleet.seal("cam-0", s, **pq)) for s in (1, 2)], pool)
+        assert [o.outcome for o in early] == ["rejected: UnknownKeyError"] * 2
+        assert [o.receipt for o in early] == ["rekey"] * 2, "kept by the device, to be re-sealed"
+        keys[hybrid_id] = hybrid  # rotated in: the worker process gets the key with the next batch
+        batch = [
+            Arrival("cam-0", fleet.seal("cam-0", 3, **pq)),
+            Arrival("cam-0", fleet.seal("cam-0", 4)),  # the old X25519 key, still in its grace period
+            Arrival("cam-1", fleet.seal("cam-1", 1, **pq)),
+            Arrival("cam-1", fleet.seal("cam-1", 1, **pq)),  # the same record twice
+            Arrival("cam-1", fleet.seal("cam-1", 2, key=Ed25519PrivateKey.generate(), **pq)),  # forged
+            # Sealed to the hybrid key under the X25519 key's id: refused, not a crash in the worker.
+            Arrival(
+                "cam-2", fleet.seal("cam-2", 1, fleet_public=hybrid.public_key(), fleet_key_id=fleet.key_id)
+            ),
+            Arrival("cam-2", fleet.seal("cam-2", 2, **pq)),
+        ]
+        assert peek_kem(batch[0].envelope) == KEM_MLKEM768_X25519 and peek_kem(batch[1].envelope) == "x25519"
+        outcomes = ingest.ingest(batch, pool)
+        assert [o.outcome for o in outcomes] == [
+            STORED,
+            STORED,
+            STORED,
+            DUPLICATE,
+            "rejected: ForgedSenderError",
+            "rejected: UnknownKeyError",
+            STORED,
+        ]
+        inline = [(a.envelope, a.device_id, ingest.keys.get(a.device_id)) for a in batch]
+        here = EnvelopeOpener(ingest.fleet_keys)
+        assert pool.open(inline) == here.open(inline), "the worker opens like this process"
+        del keys[fleet.key_id]  # the X25519 key's grace ended: the worker drops it too
+        late = ingest.ingest([Arrival("cam-2", fleet.seal("cam-2", s)) for s in (3, 4)], pool)
+        assert [o.outcome for o in late] == ["rejected: UnknownKeyError"] * 2
+    finally:
+        pool.close()
+    assert fleet.rows() == [("cam-0", 3), ("cam-0", 4), ("cam-1", 1), ("cam-2", 2)]
+    with fleet.sessions() as s:
+        bodies = s.scalars(select(TelemetryRecordRow.body).order_by(TelemetryRecordRow.id)).all()
+    assert bodies == [{"seq": 3}, {"seq": 4}, {"seq": 1}, {"seq": 2}], "the decrypted records, as sealed"
+    assert counts[STORED] == 4 and counts["rejected: UnknownKeyError"] == 5
+
+
+def test_an_opener_takes_new_keys_only_when_they_change(fleet: Fleet) -> None:
+    opener = EnvelopeOpener({fleet.key_id: fleet.key})
+    before = opener._keys
+    opener.use_keys({fleet.key_id: fleet.key})
+    assert opener._keys is before, "the same keys: nothing re-serialized"
+    other = X25519PrivateKey.generate()
+    opener.use_keys({fleet_key_id(other.public_key()): other})
+    assert list(opener.fleet_keys) == [fleet_key_id(other.public_key())]
+    envelope = fleet.seal("cam-0", 1)
+    assert opener.open([(envelope, "cam-0", fleet.device_keys["cam-0"].public_key())])[0][2] == (
+        "rejected: UnknownKeyError"
+    )

@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from device.link import DeviceLink
 from device.telemetry.outbox import Kind, Outbox
-from device.telemetry.sender import TelemetrySender
+from device.telemetry.sender import FleetKeySource, TelemetrySender
 from edgefleet.procs import free_port
 from fleet.broker import ManagedBroker
 from fleet.db import TelemetryRecordRow, open_database
@@ -40,6 +40,7 @@ class Rig:
         )
         self.outbox = Outbox(root / "outbox.sqlite", 4 * 1024 * 1024)
         self.device_key = Ed25519PrivateKey.generate()
+        self.sender: TelemetrySender | None = None
 
     def another_service(self) -> FleetService:
         return FleetService(self.data, open_database(self.data.database), f"mqtt://127.0.0.1:{self.port}")
@@ -68,7 +69,12 @@ async def until(what: str, check: Callable[[], bool], timeout: float = 30) -> No
 
 @asynccontextmanager
 async def running(
-    rig: Rig, workers: int = 1, resend_after_s: float = 2.0, open_processes: int = 0
+    rig: Rig,
+    workers: int = 1,
+    resend_after_s: float = 2.0,
+    open_processes: int = 0,
+    fleet_key: FleetKeySource | None = None,
+    on_rekey: Callable[[], None] = lambda: None,
 ) -> AsyncIterator[list[FleetWorker]]:
     async def no_offers(_: UpdateOffer) -> None:
         return None
@@ -92,11 +98,13 @@ async def running(
         rig.outbox,
         "cam-1",
         rig.device_key,
-        rig.service.telemetry_key.public_key(),
+        fleet_key or (lambda: (rig.service.telemetry_key_id, rig.service.telemetry_key.public_key())),
         link.connected,
         link.publish_telemetry,
         resend_after_s=resend_after_s,
+        on_rekey=on_rekey,
     )
+    rig.sender = sender
     link.on_telemetry_ack = sender.on_receipt
     tasks = [asyncio.create_task(w.run()) for w in fleet_workers]
     await asyncio.gather(*(asyncio.wait_for(w.connected.wait(), 10) for w in fleet_workers))
@@ -186,3 +194,40 @@ def test_records_a_fleet_worker_lost_before_storing_are_sent_again(tmp_path: Pat
     finally:
         rig.broker.stop()
     assert sorted(rig.stored_seqs()) == list(range(1, 51)) and crashes["left"] <= 0
+
+
+def test_records_sealed_to_a_key_the_fleet_dropped_are_sealed_again_not_lost(tmp_path: Path) -> None:
+    """A device that missed a rotation (offline past the old key's grace) seals to a key the fleet
+    no longer holds: the fleet sends those seqs back as `rekey`, the device refreshes its keys and
+    sends them again; nothing is refused or lost."""
+    rig = Rig(tmp_path)
+    ring = rig.service.keyring
+    stale = (ring.current_telemetry_key()[0], ring.current_telemetry_key()[1].public_key())
+    ring.rotate_telemetry()
+    ring.telemetry_grace_s = 0
+    assert ring.prune() == [f"telemetry:{stale[0]}"]
+    known = {"key": stale}
+    refreshes = []
+
+    def refresh_keys() -> None:  # what the agent's keys loop does on a rekey receipt
+        refreshes.append(1)
+        known["key"] = (rig.service.telemetry_key_id, rig.service.telemetry_key.public_key())
+        assert rig.sender is not None
+        rig.sender.keys_changed.set()
+
+    rig.broker.start()
+
+    async def scenario() -> None:
+        async with running(rig, fleet_key=lambda: known["key"], on_rekey=refresh_keys):
+            rig.produce(30)
+            await until("all 30 records", lambda: len(rig.stored_seqs()) == 30, 60)
+            await until("the outbox to drain", lambda: rig.outbox.stats().pending == 0)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        rig.broker.stop()
+    assert sorted(rig.stored_seqs()) == list(range(1, 31))
+    assert rig.sender is not None and rig.sender.rekeyed > 0 and rig.sender.refused_by_fleet == 0
+    assert len(refreshes) >= 1
+    assert rig.service.telemetry_counts["rejected: UnknownKeyError"] > 0, "counted at the fleet"
