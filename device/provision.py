@@ -29,6 +29,7 @@ from device.atomic import write_atomic, write_json_atomic
 from device.config import DataDir, DeviceConfig, read_break_glass, validate_device_id
 from device.errors import ConfigError
 from device.slots import install_initial
+from device.telemetry.outbox import Outbox
 from device.tuf_client import bootstrap
 from models.fsutil import write_private
 from models.manifest import Manifest
@@ -89,6 +90,10 @@ def provision(
         data.write_secret("mqtt-password", str(password))
     data.fleet_telemetry_key.write_text(telemetry_key)
     data.ensure_api_token(break_glass)
+    seq_start = answer.get("telemetry_seq_start")
+    if isinstance(seq_start, int) and not isinstance(seq_start, bool) and seq_start > 1:
+        with Outbox(data.outbox, DeviceConfig.model_fields["telemetry_max_bytes"].default) as outbox:
+            outbox.start_after(seq_start - 1)
     manifest = install_initial(data.models, model_archive)
     write_json_atomic(data.config, config.model_dump())
     data.enrollment_answer.unlink(missing_ok=True)

@@ -20,12 +20,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ForeignKey, Index, String, select, update
+from sqlalchemy import ForeignKey, Index, String, func, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from fleet import broker_auth
 from fleet.ca import CertificateRefused, FleetCA, IssuedCertificate, load_csr, public_key_sha256
-from fleet.db import Base, Device
+from fleet.db import Base, Device, TelemetryRecordRow
 from fleet.errors import FleetError, InvalidRequest, NotFound
 from models.errors import ModelError
 from models.signing import load_public_key
@@ -244,6 +244,11 @@ class Enrollment:
             if password is not None:
                 device.mqtt_password_hash = broker_auth.hash_password(password)
             revoked = self._revoke_rows(earlier, now)
+            # A re-provisioned device starts a new outbox: its seqs continue after the highest this
+            # fleet stored for the id, or its first records would be taken for duplicates and dropped.
+            highest = s.scalar(
+                select(func.max(TelemetryRecordRow.seq)).where(TelemetryRecordRow.device_id == device_id)
+            )
         if password is not None:
             self.service.write_broker_auth()
         if password is not None or revoked:
@@ -259,6 +264,7 @@ class Enrollment:
             "fleet_url": self.service.broker_url,
             "tuf_root": self.service.tuf.trusted_root().decode(),
             "fleet_telemetry_key": self._telemetry_key_pem(),
+            "telemetry_seq_start": int(highest or 0) + 1,
         }
         if password is not None:
             answer["mqtt_password"] = password

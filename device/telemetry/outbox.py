@@ -192,6 +192,14 @@ class Outbox:
             self._db.execute("UPDATE meta SET value = ? WHERE name = 'last_seq'", (last,))
         return seqs
 
+    def start_after(self, seq: int) -> None:
+        """Hand out seqs above `seq` from now on (never lowers the counter): a re-provisioned device
+        continues after the highest seq the fleet already holds for its id."""
+        if seq < 0:
+            raise ValueError(f"seq must be >= 0, not {seq}")
+        with self._lock, self._tx():
+            self._db.execute("UPDATE meta SET value = MAX(value, ?) WHERE name = 'last_seq'", (seq,))
+
     def peek(self, limit: int = 100, *, after: int = 0) -> list[OutboxRecord]:
         """Up to `limit` pending records with seq > `after`, oldest first. Nothing is removed."""
         with self._lock:

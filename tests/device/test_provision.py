@@ -24,6 +24,7 @@ from device.provision import (
     renew_forever,
     renewal_due,
 )
+from device.telemetry.outbox import Kind, Outbox
 from edgefleet.procs import free_port
 from fleet.broker import ManagedBroker
 from fleet.ca import FleetCA
@@ -326,3 +327,14 @@ def test_a_weak_or_unreadable_break_glass_credential_is_refused_before_anything_
     with pytest.raises(ConfigError, match=message):
         provision(tmp_path / "d", enrollment(tuf_root), archives[1], break_glass_file=secret_file)
     assert not (tmp_path / "d").exists()
+
+
+def test_a_re_provisioned_device_continues_the_fleets_telemetry_seqs(
+    tmp_path: Path, archives: dict[int, Path], tuf_root: str
+) -> None:
+    """The fleet drops a (device, seq) it holds as a duplicate: a new outbox starting at 1 again
+    would lose its first records, so enrollment says where to continue."""
+    answer = {**enrollment(tuf_root), "telemetry_seq_start": 41}
+    provision(tmp_path / "d", answer, archives[1])
+    with Outbox(DataDir(tmp_path / "d").outbox, 64 * 1024) as outbox:
+        assert outbox.put(Kind.METRIC, b"{}") == 41

@@ -165,3 +165,26 @@ def test_keys_rotate_while_the_device_runs(rig: tuple[FleetProcess, FleetClient,
         assert api.request("GET", "/api/status").status_code == 401
     with _api(device, client.issue_field_token("erin", "viewer", [DEVICE], 1)["token"]) as api:
         assert api.request("GET", "/api/status").status_code == 200
+
+
+def test_no_secret_reaches_the_logs(rig: tuple[FleetProcess, FleetClient, DeviceProcess]) -> None:
+    fleet, client, device = rig
+    issued = client.issue_field_token("frank", "technician", [DEVICE], 1)
+    with _api(device, issued["token"]) as api:
+        assert api.request("GET", "/api/status").status_code == 200
+    with _api(device, issued["token"] + "x") as api:  # a failed login is logged, its token is not
+        assert api.request("GET", "/api/status").status_code == 401
+    client.rotate_keys(telemetry=True, field_tokens=True)
+    client.revoke_field_token(issued["jti"])
+    secrets = {
+        "operator token": (fleet.root / "secrets" / "operator-token").read_text().strip(),
+        "break-glass": (device.root / "secrets" / "api-token").read_text().strip(),
+        "field token": issued["token"],
+        "field token signature": issued["token"].rsplit(".", 1)[1],
+    }
+    logs = {p.name: p.read_text() for p in (fleet.root.parent / "logs").glob("*.log")}
+    assert set(logs) >= {"fleet.log", f"{DEVICE}.log"}
+    for name, text in logs.items():
+        assert "PRIVATE KEY" not in text, name
+        for what, secret in secrets.items():
+            assert secret not in text, f"{what} in {name}"

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgefleet.procs import free_port
 from fleet.api import create_app
-from fleet.db import Device, open_database
+from fleet.db import Device, TelemetryRecordRow, open_database
 from fleet.enrollment import DeviceCertificate, EnrollmentRefused, TooManyFailures, enrollment_of
 from fleet.errors import Conflict, InvalidRequest, NotFound
 from fleet.service import FleetService
@@ -270,3 +270,15 @@ def test_fingerprints_in_the_ticket_match_what_enrollment_returns(service: Fleet
     assert pins["ca_sha256"] == cert.fingerprint(hashes.SHA256()).hex()
     assert pins["tuf_root_sha256"] == hashlib.sha256(answer["tuf_root"].encode()).hexdigest()
     assert pins["telemetry_key_sha256"] == hashlib.sha256(answer["fleet_telemetry_key"].encode()).hexdigest()
+
+
+def test_re_enrolling_tells_the_device_where_its_telemetry_seqs_continue(service: FleetService) -> None:
+    first = enroll(service, service.add_device("cam-1")["enrollment_token"])
+    assert first["telemetry_seq_start"] == 1
+    with service.sessions.begin() as s:
+        s.add_all(
+            TelemetryRecordRow(device_id="cam-1", seq=seq, kind="metric", ts=0.0, received=0.0, body={})
+            for seq in (5, 40)
+        )
+    again = enroll(service, enrollment_of(service).new_token("cam-1")["enrollment_token"])
+    assert again["telemetry_seq_start"] == 41

@@ -82,7 +82,7 @@ def test_unknown_kem_is_refused(ring: FleetKeyring) -> None:
         ring.rotate_telemetry("rsa")
 
 
-def test_field_key_rotation_keeps_old_tokens_valid_until_they_expire(ring: FleetKeyring, clock: Clock) -> None:
+def test_field_key_rotation_keeps_old_tokens_until_they_expire(ring: FleetKeyring, clock: Clock) -> None:
     old_kid, old_key = ring.field_signing_key()
     token, _ = issue(old_key, old_kid, "alice", "viewer", ["cam-1"], 8 * 3600, now=clock.now)
     new_kid = ring.rotate_field_signing()

@@ -247,3 +247,15 @@ def test_metric_that_cannot_fit_evicts_nothing(tmp_path: Path) -> None:
         assert [r.seq for r in box.peek()] == [1, 2, 3, 4]  # the old metric was not sacrificed for nothing
         assert box.stats().evicted_by_kind == {"metric": 1, "health": 0}
         assert box.stats().bytes == 4000
+
+
+def test_start_after_moves_the_seq_counter_up_only(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite", 64 * 1024) as outbox:
+        outbox.start_after(40)
+        assert outbox.put(Kind.METRIC, b"a") == 41
+        outbox.start_after(10)  # never back: seq 41 may be at the fleet already
+        assert outbox.put(Kind.METRIC, b"b") == 42
+        with pytest.raises(ValueError):
+            outbox.start_after(-1)
+    with Outbox(tmp_path / "o.sqlite", 64 * 1024) as reopened:
+        assert reopened.put(Kind.METRIC, b"c") == 43
