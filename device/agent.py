@@ -15,6 +15,7 @@ from device.api import create_app
 from device.api import updates as update_routes
 from device.api.ratelimit import FailedLoginLimiter
 from device.config import DataDir, DeviceConfig
+from device.engine.batcher import BatchConfig
 from device.engine.engine import Engine
 from device.engine.probe import probe
 from device.errors import ConfigError, DeviceError
@@ -122,6 +123,11 @@ class Agent:
         for name, slots in self.slots.items():
             # Crash-looping or broken new models go back to their previous slot here, before serving.
             serving = load_at_boot(self.updater, slots)
+            batching = self.config.batching.get(name)
+            if batching is not None:
+                self.engine.configure_batching(
+                    name, BatchConfig(batching.max_batch, batching.max_wait_ms, batching.max_queue)
+                )
             self.engine.serve(serving)
             log.info(
                 "serving %s v%d from slot %s on %s",
@@ -151,7 +157,11 @@ class Agent:
                 "malformed_messages": self.link.malformed_messages,
             },
             "models": [
-                {**self.engine.get(name).describe(), "slot": self.slots[name].active_slot()}
+                {
+                    **self.engine.get(name).describe(),
+                    "slot": self.slots[name].active_slot(),
+                    "batching": self.engine.batcher_stats(name),
+                }
                 for name in self.engine.names()
             ],
             "last_update": record.to_json() if record else None,

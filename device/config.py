@@ -16,6 +16,15 @@ from protocol.topics import require_device_id
 CONFIG_FILE = "device.json"
 
 
+class ModelBatching(BaseModel):
+    """The micro-batcher of one model (device/engine/batcher.py BatchConfig)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_batch: int = Field(default=1, ge=1, le=1024, description="rows grouped per run (1: off)")
+    max_wait_ms: float = Field(default=0.0, ge=0, le=100, description="how long a batch may wait to fill")
+    max_queue: int = Field(default=32, ge=1, le=100_000, description="requests waiting before 503")
+
+
 class DeviceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -29,6 +38,10 @@ class DeviceConfig(BaseModel):
     api_tls: bool = Field(
         default=True,
         description="serve the local API over HTTPS with the device's certificate, when it has one",
+    )
+    batching: dict[str, ModelBatching] = Field(
+        default_factory=dict,
+        description="per model name: how local API requests are queued and grouped (default: no grouping)",
     )
     keys_refresh_s: float = Field(
         default=3600.0, gt=0, description="seconds between refreshes of the fleet's signed keys document"

@@ -31,6 +31,9 @@ def rig(
     device = DeviceProcess(DEVICE, tmp_path / DEVICE)
     try:
         device.provision(client, archives[1], probation_s=1.0)
+        config = json.loads((device.root / "device.json").read_text())
+        config["batching"] = {"surface-defect": {"max_batch": 4, "max_wait_ms": 1.0}}
+        (device.root / "device.json").write_text(json.dumps(config))
         device.start()
         wait_for("the device online", lambda: client.device(DEVICE)["online"], 60)
         wait_for("the device's API", lambda: (device.root / "api-url").exists(), 30)
@@ -73,7 +76,10 @@ def test_local_api_is_https_with_the_device_certificate(
     assert url.startswith("https://")
     break_glass = (device.root / "secrets" / "api-token").read_text().strip()
     with _api(device, break_glass) as api:
-        assert api.request("GET", "/api/status").status_code == 200
+        status = api.request("GET", "/api/status")
+        assert status.status_code == 200
+        batching = status.json()["models"][0]["batching"]  # from device.json, applied at load
+        assert (batching["max_batch"], batching["max_wait_ms"]) == (4, 1.0)
     # The wrong device (a laptop pointed at the wrong box) is refused in the handshake.
     with _api(device, break_glass, device_id="cam-other") as api, pytest.raises(httpx.ConnectError):
         api.request("GET", "/api/status")
