@@ -186,7 +186,9 @@ def run_demo(workdir: Path, device_count: int = 3, images: int = 40) -> dict[str
                 partial(_metrics_at_fleet, client, device.device_id, 2 * images),
                 60,
             )
-        infer = _sample_infer(devices[0])
+        # As a field engineer would: a short-lived token from the fleet, checked by the device itself.
+        field = client.issue_field_token("demo-engineer", "technician", [devices[0].device_id], 1)
+        infer = _sample_infer(devices[0], field["token"])
         rows = [_summary_row(d, final[d.device_id], client) for d in devices]
         wall_s = time.monotonic() - started
         _print_summary(rows, infer, wall_s)
@@ -218,8 +220,8 @@ def _final(client: FleetClient, update_id: str) -> bool:
     return client.update(update_id)["state"] in ("committed", "failed", "rolled_back")
 
 
-def _sample_infer(device: DeviceProcess) -> dict[str, Any]:
-    """Ask one device's local API (Open Inference Protocol v2) about one fresh image."""
+def _sample_infer(device: DeviceProcess, token: str) -> dict[str, Any]:
+    """Ask one device's local API (Open Inference Protocol v2, HTTPS) about one fresh image."""
     import numpy as np
     from PIL import Image
 
@@ -243,7 +245,7 @@ def _sample_infer(device: DeviceProcess) -> dict[str, Any]:
             }
         ]
     }
-    response = device.api(f"/v2/models/{manifest.name}/infer", "POST", json=body)
+    response = device.api(f"/v2/models/{manifest.name}/infer", "POST", token=token, json=body)
     response.raise_for_status()
     result = response.json()
     scores = result["outputs"][0]["data"]
@@ -288,7 +290,8 @@ def _print_summary(rows: list[dict[str, Any]], infer: dict[str, Any], wall_s: fl
         print("  ".join(str(row[h]).ljust(widths[h]) for h in headers))
     print()
     print(
-        f"local API of {infer['device']}: POST /v2/models/surface-defect/infer on a '{infer['truth']}' image "
+        f"local API of {infer['device']} (HTTPS, device certificate; a 1 h technician token from "
+        f"`fleet field-token issue`): POST /v2/models/surface-defect/infer on a '{infer['truth']}' image "
         f"-> '{infer['predicted']}' (model v{infer['model_version']})"
     )
     print(f"demo wall time: {wall_s:.1f} s. Update times count from the device's 'offered': 'switched' once")
