@@ -14,7 +14,7 @@ import uvicorn
 from device.api import create_app
 from device.api import updates as update_routes
 from device.api.ratelimit import FailedLoginLimiter
-from device.config import DataDir, DeviceConfig
+from device.config import DataDir, DeviceConfig, PlantSignal
 from device.engine.batcher import BatchConfig
 from device.engine.engine import Engine
 from device.engine.probe import probe
@@ -22,6 +22,7 @@ from device.errors import ConfigError, DeviceError
 from device.fleet_keys import FleetKeys
 from device.health import collect, model_health
 from device.line import LineState
+from device.line_mqtt import PlantLineListener, PlantSignalConfig
 from device.link import DeviceLink
 from device.pipeline import FolderPipeline
 from device.provision import renew_forever
@@ -91,6 +92,7 @@ class Agent:
         self.link.on_rollback = self._on_rollback
         self._loop: asyncio.AbstractEventLoop | None = None
         self.line = LineState(data.root / "line-state.json")
+        self.plant_line = self._plant_listener(config.plant_signal)
         self.shadow_hub = ShadowHub()
         self.tuf = TufClient(data.root, self._fetch_tuf_file)
         self.updater = Updater(
@@ -118,6 +120,17 @@ class Agent:
         self.health_seq = 0
         self.failed = False
         self.api_port: int | None = None
+
+    def _plant_listener(self, plant: PlantSignal | None) -> PlantLineListener | None:
+        if plant is None:
+            return None
+        settings = plant.model_dump()
+        for name in ("credentials_file", "ca_file"):  # relative to the data dir
+            if settings[name] is not None:
+                settings[name] = self.data.root / settings[name]
+        settings["busy_values"] = frozenset(plant.busy_values)
+        settings["idle_values"] = frozenset(plant.idle_values)
+        return PlantLineListener(PlantSignalConfig(**settings), self.line)
 
     def load_models(self) -> None:
         for name, slots in self.slots.items():
@@ -166,6 +179,7 @@ class Agent:
             ],
             "last_update": record.to_json() if record else None,
             "line": self.line.get().to_json(),
+            "plant_signal": self.plant_line.status() if self.plant_line else None,
             "pipeline": {
                 "inferred_by_version": dict(self.pipeline.by_version) if self.pipeline else {},
                 "labels": dict(self.pipeline.by_label) if self.pipeline else {},
@@ -296,6 +310,9 @@ class Agent:
                 ssl_keyfile=keyfile,
             )
         )
+        if self.plant_line is not None:
+            # Busy until the plant speaks: a restart must not switch on the last state saved.
+            self.plant_line.hold_now()
         tasks = [
             asyncio.create_task(self.link.run(), name="link"),
             asyncio.create_task(self._health_loop(), name="health"),
@@ -305,6 +322,8 @@ class Agent:
             asyncio.create_task(renew_forever(self.data), name="cert-renewal"),
             asyncio.create_task(server.serve(), name="api"),
         ]
+        if self.plant_line is not None:
+            tasks.insert(0, asyncio.create_task(self.plant_line.run(), name="plant-line"))
         for task in tasks:
             task.add_done_callback(lambda t: self._part_ended(t, stop))
         await self._announce_port(server, tasks[-1])

@@ -25,6 +25,24 @@ class ModelBatching(BaseModel):
     max_queue: int = Field(default=32, ge=1, le=100_000, description="requests waiting before 503")
 
 
+class PlantSignal(BaseModel):
+    """A plant topic that marks the line busy or idle (device/line_mqtt.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    broker_url: str = Field(description="the plant broker: mqtt://host:port or mqtts://host:port")
+    topic: str = Field(min_length=1, description="the topic the PLC gateway publishes the line state on")
+    credentials_file: Path | None = Field(default=None, description="user (line 1) and password (line 2)")
+    ca_file: Path | None = Field(default=None, description="mqtts: the plant broker's CA")
+    busy_field: str = Field(default="busy", description="dotted path of the busy value in a JSON payload")
+    by_field: str | None = Field(default="by", description="dotted path of who set it")
+    busy_values: list[str] = Field(default=["busy", "1", "true"], description="words meaning busy")
+    idle_values: list[str] = Field(default=["idle", "0", "false"], description="words meaning idle")
+    stale_after_s: float | None = Field(
+        default=60.0, gt=0, description="silence after which the line counts as busy (null: never)"
+    )
+    client_id: str | None = Field(default=None, description="MQTT client id, when the plant's ACL needs one")
+
+
 class DeviceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -42,6 +60,9 @@ class DeviceConfig(BaseModel):
     batching: dict[str, ModelBatching] = Field(
         default_factory=dict,
         description="per model name: how local API requests are queued and grouped (default: no grouping)",
+    )
+    plant_signal: PlantSignal | None = Field(
+        default=None, description="a plant MQTT topic for the line state, besides PUT /api/line"
     )
     keys_refresh_s: float = Field(
         default=3600.0, gt=0, description="seconds between refreshes of the fleet's signed keys document"

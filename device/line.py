@@ -19,6 +19,7 @@ from device.errors import ConfigError
 
 log = logging.getLogger(__name__)
 MAX_SETTER_CHARS = 64
+MAX_REASON_CHARS = 256  # a reason is a note in the status, not a log
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class LineStatus:
     busy: bool
     since: float  # epoch seconds of the last change between busy and idle
     by: str  # who set it: "api", "mqtt", a plant system's name
+    reason: str = ""  # why, when the setter says: "plant topic line/3/state", "plant signal silent"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,7 +46,12 @@ class LineState:
             return LineStatus(busy=False, since=time.time(), by="default")
         try:
             raw = json.loads(self.path.read_text())
-            return LineStatus(busy=bool(raw["busy"]), since=float(raw["since"]), by=str(raw["by"]))
+            return LineStatus(
+                busy=bool(raw["busy"]),
+                since=float(raw["since"]),
+                by=str(raw["by"]),
+                reason=str(raw.get("reason", "")),  # absent in files written before reasons
+            )
         except (OSError, ValueError, KeyError, TypeError) as e:
             # Unknown is treated as busy: a switch that waits costs less than one that stops production.
             log.error("cannot read %s (%s); treating the line as busy until the plant sets it", self.path, e)
@@ -58,17 +65,20 @@ class LineState:
     def busy(self) -> bool:
         return self.get().busy
 
-    def set(self, busy: bool, by: str) -> LineStatus:
+    def set(self, busy: bool, by: str, reason: str = "") -> LineStatus:
         """Mark the line busy or idle; `since` moves only when the state changes."""
         if not by or len(by) > MAX_SETTER_CHARS:
             raise ConfigError(f"name who sets the line state in 1 to {MAX_SETTER_CHARS} characters")
+        reason = reason[:MAX_REASON_CHARS]
         with self._lock:
             if busy == self._status.busy:
-                status = LineStatus(busy, self._status.since, by)
+                status = LineStatus(busy, self._status.since, by, reason)
             else:
-                status = LineStatus(busy, time.time(), by)
+                status = LineStatus(busy, time.time(), by, reason)
+            # Memory first: when the disk refuses the write (full, read-only), the updater still sees
+            # what the plant said now; the error goes to the caller and a restart reads the older file.
+            self._status = status
             if self.path is not None:
                 write_json_atomic(self.path, status.to_json())
-            self._status = status
-        log.info("line marked %s by %s", "busy" if busy else "idle", by)
+        log.info("line marked %s by %s%s", "busy" if busy else "idle", by, f" ({reason})" if reason else "")
         return status

@@ -346,15 +346,40 @@ def fleet_devices(
     _print_json(_client(server, token, data_dir).devices())
 
 
-@fleet_app.command("model-push")
+model_app = typer.Typer(no_args_is_help=True, help="Model versions in the fleet's registry.")
+fleet_app.add_typer(model_app, name="model")
+
+
+@model_app.command("push")
 def fleet_model_push(
-    archive: Path,
+    archive: Annotated[Path, typer.Argument(metavar="PATH", help="the package archive (.tar)")],
     server: ServerOpt = "http://127.0.0.1:8080",
     token: TokenOpt = None,
     data_dir: FleetDirOpt = None,
 ) -> None:
-    """Register a model package archive as a new version."""
-    _print_json(_client(server, token, data_dir).push_model(archive))
+    """Register a model package archive as a new version; prints the registered version as JSON.
+
+    The upload's progress goes to stderr: a live bar on a terminal, one summary line otherwise."""
+    from edgefleet.progress import ByteProgress
+    from fleet.client import FleetApiError
+
+    if not archive.is_file():
+        _fail(f"{archive} is not a file: give a package archive (`edgefleet models pack FOLDER -o X.tar`)")
+    client = _client(server, token, data_dir)
+    try:
+        with ByteProgress(
+            f"pushing {archive.name}", archive.stat().st_size, waiting_note="the fleet verifies it"
+        ) as bar:
+            model = client.push_model(archive, progress=bar.update)
+    except FleetApiError as e:
+        _fail(str(e))
+    finally:
+        client.close()
+    _print_json(model)
+
+
+# The name before `fleet model push`; scripts use it.
+fleet_app.command("model-push", help="Same as `fleet model push`.")(fleet_model_push)
 
 
 @fleet_app.command("update")

@@ -1,5 +1,6 @@
 """A small client of the fleet JSON API, used by the CLI and the demo."""
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +64,50 @@ class FleetClient:
     def stats(self) -> dict[str, Any]:
         return dict(self._call("GET", "/api/fleet/stats"))
 
-    def push_model(self, archive: Path) -> dict[str, Any]:
-        with archive.open("rb") as f:
+    def push_model(
+        self,
+        archive: Path,
+        progress: Callable[[int, int], None] | None = None,
+        block_size: int = 256 * 1024,
+    ) -> dict[str, Any]:
+        """Register a package archive, streamed in blocks so a large one never sits in memory.
+
+        `progress(sent, total)` is called after each block went to the connection; `sent` grows to
+        the file's size. The answer comes once the fleet has verified the whole package."""
+        try:
+            total = archive.stat().st_size
+            f = archive.open("rb")
+        except OSError as e:
+            raise FleetApiError(f"cannot read the package archive {archive}: {e}") from e
+
+        def blocks() -> Iterator[bytes]:
+            sent = 0
+            while sent < total:
+                block = f.read(min(block_size, total - sent))
+                if not block:  # the Content-Length promised more: the fleet would wait for it
+                    raise FleetApiError(
+                        f"{archive} shrank to {sent} bytes while it was sent; "
+                        "push it again once it is complete"
+                    )
+                yield block
+                sent += len(block)
+                if progress is not None:
+                    progress(sent, total)
+
+        # Verifying a large package takes the fleet a while after the last byte: wait for its answer.
+        base = self._http.timeout
+        timeout = httpx.Timeout(
+            connect=base.connect, read=max(base.read or 0.0, 600.0), write=base.write, pool=base.pool
+        )
+        with f:
             return dict(
                 self._call(
-                    "POST", "/api/models", content=f, headers={"Content-Type": "application/octet-stream"}
+                    "POST",
+                    "/api/models",
+                    content=blocks(),
+                    # A length, not chunked encoding: some reverse proxies before a fleet refuse that.
+                    headers={"Content-Type": "application/octet-stream", "Content-Length": str(total)},
+                    timeout=timeout,
                 )
             )
 
