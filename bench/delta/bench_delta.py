@@ -1,6 +1,7 @@
 """Delta codec benchmark on the corpus of build_corpus.py, side by side with generic tools.
 
     nice -n 10 .venv/bin/python bench/delta/bench_delta.py [--runs 3] [--pairs minilm-full,...]
+        [--merge bench/delta/results.json --keep-others]  # re-measure only this codec, on some pairs
 
 Tools: this codec (zstd level 19 by default), bsdiff4, `xdelta3 -9`, `zstd -19 --long --patch-from`
 and `zstd -19` of the new file alone. Per pair and tool: delta size as % of the new file, encode
@@ -296,11 +297,16 @@ def main() -> None:
         type=Path,
         help="measure only this codec; take the other tools' rows from this results.json",
     )
+    parser.add_argument(
+        "--keep-others",
+        action="store_true",
+        help="keep the results of the pairs not in --pairs that --out already holds (one table, updated)",
+    )
     parser.add_argument("--render", type=Path, help="only write the markdown of an earlier results.json")
     args = parser.parse_args()
     if args.render:
         done = json.loads(args.render.read_text())
-        markdown = report(done["results"], done["command"], args.runs)
+        markdown = report(_with_commands(done), done["command"], args.runs)
         Path(args.markdown).write_text(markdown)
         print(markdown)
         return
@@ -312,37 +318,89 @@ def main() -> None:
     if missing:
         raise SystemExit(f"{missing} not in {args.corpus}: build it with bench/delta/build_corpus.py first")
     results = []
-    command = ("nice -n 10 .venv/bin/python bench/delta/bench_delta.py " + " ".join(sys.argv[1:])).strip()
+    niceness = os.nice(0)
+    prefix = f"nice -n {niceness} " if niceness else ""
+    command = " ".join([f"{prefix}.venv/bin/python bench/delta/bench_delta.py", *sys.argv[1:]])
+    kept: dict[str, dict[str, Any]] = {}
+    if args.keep_others and args.out.exists():
+        kept = {r["pair"]: r for r in _with_commands(json.loads(args.out.read_text()))}
     earlier: dict[str, dict[str, Any]] = {}
     if args.merge is not None:
         merged = json.loads(args.merge.read_text())
-        earlier = {r["pair"]: r for r in merged["results"]}
-        command += f"`, the other tools' rows from `{merged['command']}"
+        earlier = {r["pair"]: r for r in _with_commands(merged)}
     with tempfile.TemporaryDirectory() as tmp:
         for pair in chosen:
             print(f"{pair.label}", flush=True)
             result = bench_pair(pair, args.corpus, args.runs, args.level, Path(tmp), args.merge is not None)
+            for row in result["rows"]:  # type: ignore[attr-defined]
+                row["command"] = command
             if pair.key in earlier:  # the generic tools' rows: they do not depend on this codec
                 rows = earlier[pair.key]["rows"]
                 result["rows"] += [r for r in rows if not r["tool"].startswith("edgefleet")]  # type: ignore[operator]
+            result["command"] = command
             results.append(result)
             # after each pair, so a long run that is stopped keeps what it measured
-            args.out.write_text(json.dumps({"command": command, "results": results}, indent=2) + "\n")
+            _write(args.out, command, _in_order(results, kept))
+    results = _in_order(results, kept)
     markdown = report(results, command, args.runs)
     print(markdown)
-    args.out.write_text(json.dumps({"command": command, "results": results}, indent=2) + "\n")
+    _write(args.out, command, results)
     if args.markdown:
         Path(args.markdown).write_text(markdown)
     print(f"wrote {args.out}" + (f" and {args.markdown}" if args.markdown else ""))
 
 
-def report(results: list[dict[str, object]], command: str, runs: int) -> str:
+def _with_commands(done: dict[str, Any]) -> list[dict[str, Any]]:
+    """An earlier results.json's pairs, each row with the command that measured it."""
+    out = []
+    for res in done["results"]:
+        command = res.get("command", done["command"])
+        rows = [{"command": command, **row} for row in res["rows"]]
+        out.append({**res, "command": command, "rows": rows})
+    return out
+
+
+def _in_order(fresh: list[dict[str, Any]], kept: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pairs just measured and those kept from an earlier run, in PAIRS order."""
+    by_key = {**kept, **{r["pair"]: r for r in fresh}}
+    return [by_key[p.key] for p in PAIRS if p.key in by_key]
+
+
+def _write(out: Path, command: str, results: list[dict[str, Any]]) -> None:
+    commands = list(dict.fromkeys(str(r.get("command", command)) for r in results))
+    out.write_text(json.dumps({"command": " and ".join(commands), "results": results}, indent=2) + "\n")
+
+
+def _made_by(results: list[dict[str, Any]], command: str) -> str:
+    """Each command that measured rows of the table, with whose rows: this codec's or the other
+    tools', and of which pairs (a table may be measured in several runs, see --merge)."""
+    every = [str(r["pair"]) for r in results]
+    groups: dict[str, dict[str, list[str]]] = {}
+    for res in results:
+        for row in res["rows"]:
+            kind = "this codec" if row["tool"].startswith("edgefleet") else "the other tools"
+            pairs = groups.setdefault(str(row.get("command", command)), {}).setdefault(kind, [])
+            if res["pair"] not in pairs:
+                pairs.append(res["pair"])
+    if len(groups) <= 1:
+        return f"Made by `{next(iter(groups), command)}`"
+    parts = []
+    for cmd, kinds in groups.items():
+        what = "; ".join(
+            f"{kind}, {'every pair' if pairs == every else 'pairs ' + ', '.join(pairs)}"
+            for kind, pairs in kinds.items()
+        )
+        parts.append(f"`{cmd}` ({what})")
+    return "Made by " + ", ".join(parts) + ","
+
+
+def report(results: list[dict[str, Any]], command: str, runs: int) -> str:
     corpus = CORPUS / "report.json"
     tunes = json.loads(corpus.read_text()) if corpus.exists() else {}
     lines = [
         "## Model deltas (issue #4)",
         "",
-        f"Made by `{command}` on {os.cpu_count()} shared cores, after",
+        f"{_made_by(results, command)} on {os.cpu_count()} shared cores, after",
         "`nice -n 10 /tmp/delta-corpus-venv/bin/python bench/delta/build_corpus.py` built the corpus",
         "(see its docstring). Sizes are exact; times are medians of "
         f"{runs} runs (¹: one encode; sizes do not vary). Apply CPU = user + sys of the whole apply",

@@ -1,8 +1,8 @@
 """Estimates of how small a delta between two model files can be, to put the codec's sizes beside.
 
 Tensors are paired as the encoder pairs them; an unchanged one costs nothing. For each changed
-tensor, every transform the codec can choose (the new bytes alone, XOR, the integer difference)
-is measured by:
+tensor, every transform the codec can choose (the new bytes alone, as they are or rotated one bit
+for floats (FPLANES), XOR, the integer difference) is measured by:
 
 - order 0: the sum over its byte planes of each plane's order-0 entropy. A zstd frame of the
   planes can reach about this (Huffman literals), not below: it is the floor for what the codec
@@ -51,7 +51,7 @@ def _planes_bits(coded: bytes, width: int) -> float:
 def _context_bits(new: bytes, old: bytes | None, transform: Transform, width: int) -> float:
     """sum over the byte planes of the transform's output of H(plane | exponent byte of the base)."""
     coded = forward(transform, width, new, old)
-    if old is None or transform is Transform.PLANES:
+    if old is None or transform in (Transform.PLANES, Transform.FPLANES):
         return _planes_bits(coded, width)
     base = np.frombuffer(old, np.dtype(f"<u{width}"))
     # the exponent's top byte for float32/float16 (sign dropped), the value's top byte otherwise
@@ -74,7 +74,11 @@ def entropy_floor(old: Path, new: Path, level: int = DEFAULT_LEVEL) -> dict[str,
         base = a[base_span.offset : base_span.offset + base_span.length] if base_span else None
         if base == data:
             continue
-        options = [Transform.PLANES] + ([Transform.XOR, Transform.SUB] if base is not None else [])
+        options = [Transform.PLANES]
+        if span.fp and span.width > 1:
+            options.append(Transform.FPLANES)
+        if base is not None:
+            options += [Transform.XOR, Transform.SUB]
         order0 += min(_planes_bits(forward(t, span.width, data, base), span.width) for t in options) / 8
         context += min(_context_bits(data, base, t, span.width) for t in options) / 8
     gaps, pos = [], 0

@@ -13,7 +13,9 @@ import zstandard
 from models.delta.apply import info
 from models.delta.errors import DeltaError
 from models.delta.format import (
+    BASED,
     CHUNK_BYTES,
+    PLANE_SPLIT,
     TRAILER_MAGIC,
     DeltaInfo,
     FileRef,
@@ -34,6 +36,11 @@ MIN_TENSOR_BYTES = 256
 # Chunks larger than this pick their transform at SELECT_LEVEL, then are coded once at the real level.
 SELECT_ABOVE = 1024 * 1024
 SELECT_LEVEL = 3
+# zstd's largest minimum match. In a plane of exponents (~2.5 bits a byte), the optimal parser of
+# levels 16+ takes 3-6 byte matches that cost more than Huffman-coded literals would: 39878 bytes
+# for the sample CNN's largest exponent plane, 37390 with this (bench/delta/RESULTS.md). Tried
+# beside the default, by size.
+LITERAL_MIN_MATCH = 7
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,7 @@ class _Chunk:
     length: int
     width: int
     old_offset: int | None
+    fp: bool = False  # IEEE floats or unknown: FPLANES is worth a try
 
 
 @dataclass(frozen=True)
@@ -68,12 +76,31 @@ def _window_log(size: int) -> int:
     return max(10, min(31, (max(size, 1) - 1).bit_length()))
 
 
-def _compress(data: bytes, level: int, dictionary: bytes | None = None) -> bytes:
+def _compress(
+    data: bytes, level: int, dictionary: bytes | None = None, *, planes: int = 1, literal: bool = False
+) -> bytes:
+    """One zstd frame of `data` that declares its size.
+
+    `planes` > 1: `data` is that many byte planes of one size; each ends a zstd block, so no block
+    (and its Huffman table) mixes the exponent plane with a mantissa plane. `literal`: matches of
+    at least LITERAL_MIN_MATCH bytes only. Neither changes what a decoder needs.
+    """
     if not dictionary:
+        extra = {"min_match": LITERAL_MIN_MATCH} if literal else {}
         params = zstandard.ZstdCompressionParameters.from_level(
-            level, source_size=len(data), write_checksum=0, write_content_size=1
+            level, source_size=len(data), write_checksum=0, write_content_size=1, **extra
         )
-        return zstandard.ZstdCompressor(compression_params=params).compress(data)
+        cctx = zstandard.ZstdCompressor(compression_params=params)
+        if planes <= 1 or len(data) % planes:
+            return cctx.compress(data)
+        step = len(data) // planes
+        cobj = cctx.compressobj(size=len(data))
+        parts = []
+        for start in range(0, len(data), step):
+            parts.append(cobj.compress(data[start : start + step]))
+            parts.append(cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
+        parts.append(cobj.flush())
+        return b"".join(parts)
     wlog = _window_log(len(dictionary) + len(data))
     params = zstandard.ZstdCompressionParameters.from_level(
         level,
@@ -139,7 +166,7 @@ def _plan(old: bytes, new: bytes, new_spans: list[TensorSpan], old_spans: list[T
         for start in range(0, span.length, step):
             n = min(step, span.length - start)
             old_offset = base.offset + start if base is not None else None
-            pieces.append(_Chunk(span.offset + start, n, span.width, old_offset))
+            pieces.append(_Chunk(span.offset + start, n, span.width, old_offset, span.fp))
         pos = span.offset + span.length
     if pos < len(new):
         pieces.append(_Gap(pos, len(new) - pos))
@@ -204,6 +231,8 @@ def _code_chunk(new: bytes, old: bytes, chunk: _Chunk, level: int) -> bytes:
     options = [Transform.RAW]
     if chunk.width > 1:
         options.append(Transform.PLANES)
+        if chunk.fp:
+            options.append(Transform.FPLANES)
     if base is not None:
         options += [Transform.XOR, Transform.SUB]
         # Apply lets SPARSE hold at most the chunk's length (see transforms.join_into).
@@ -216,7 +245,14 @@ def _code_chunk(new: bytes, old: bytes, chunk: _Chunk, level: int) -> bytes:
     else:
         payloads = {t: _compress(coded[t], level) for t in options}
     best = min(payloads, key=lambda t: len(payloads[t]))
-    return tensor_record(best, chunk.width, chunk.length, chunk.old_offset or 0, payloads[best])
+    payload = payloads[best]
+    # The winner once more with its planes in blocks of their own and long matches only, kept if
+    # smaller. Large chunks coded against a base seldom gain (0.07 % on the MiniLM fine-tune) for
+    # a second pass at the full level; chunks coded alone gain 0.4-1.5 % (bench/delta/RESULTS.md).
+    if chunk.length <= SELECT_ABOVE or best not in BASED:
+        planes = chunk.width if best in PLANE_SPLIT else 1
+        payload = min(payload, _compress(coded[best], level, planes=planes, literal=True), key=len)
+    return tensor_record(best, chunk.width, chunk.length, chunk.old_offset or 0, payload)
 
 
 def _split(op: Op, length: int, offset: int | None = None) -> list[bytes]:
@@ -279,7 +315,7 @@ def _body(
 def _whole_file_planes(old: bytes, new: bytes, width: int, level: int, threads: int) -> _Body:
     """The target alone, cut into chunks, byte planes split: for a base that does not help."""
     del old  # the same signature as _aligned, which does use it
-    span = TensorSpan("", 0, len(new) - len(new) % width, width)
+    span = TensorSpan("", 0, len(new) - len(new) % width, width, fp=True)  # type unknown: size decides
     return _body(b"", new, [span] if span.length else [], [], level, threads)
 
 
@@ -293,7 +329,7 @@ def _aligned(old: bytes, new: bytes, width: int, level: int, threads: int) -> _B
     in place: a .tflite, an int8 blob), chunk by chunk, like a tensor; the tail is a gap."""
     n = min(len(old), len(new))
     n -= n % width
-    spans = [TensorSpan("", 0, n, width)] if n else []
+    spans = [TensorSpan("", 0, n, width, fp=True)] if n else []  # type unknown: size decides
     return _body(old, new, spans, spans, level, threads)
 
 

@@ -51,10 +51,16 @@ class Transform(IntEnum):
     XOR = 2  # (new ^ old), planes split
     SUB = 3  # (new - old) as unsigned integers of the element width, wrapping; planes split
     SPARSE = 4  # SUB's differences, only the non-zero ones, with the gaps between them (version 2)
+    # Each element rotated left by one bit, then planes split: a float's sign leaves the top byte
+    # for the bottom one (among random mantissa bits) and fp32/bf16's whole exponent fills the top
+    # byte. Added within version 2: a decoder from before it refuses it as an unknown transform.
+    FPLANES = 5
 
 
 # The transforms that read a base range of the same length.
 BASED = (Transform.XOR, Transform.SUB, Transform.SPARSE)
+# The transforms whose frame holds `width` byte planes of length / width bytes each, one after the other.
+PLANE_SPLIT = (Transform.PLANES, Transform.XOR, Transform.SUB, Transform.FPLANES)
 
 
 class Kind:
@@ -250,9 +256,14 @@ def read_record(r: Reader) -> Record:
     try:
         transform = Transform(t_code)
     except ValueError:
-        raise DeltaError(f"delta corrupt: unknown tensor transform {t_code}") from None
+        raise DeltaError(
+            f"delta uses unknown tensor transform {t_code}: it was made by a newer encoder or is corrupt;"
+            " update edgefleet on this device, or send the full package"
+        ) from None
     if width not in WIDTHS:
         raise DeltaError(f"delta corrupt: element width {width} is not one of {WIDTHS}")
+    if transform is Transform.FPLANES and width == 1:
+        raise DeltaError("delta corrupt: FPLANES needs elements of 2, 4 or 8 bytes, the record says 1")
     length = r.varint()
     old_offset = r.varint() if transform in BASED else 0
     n = r.varint()

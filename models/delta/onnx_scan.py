@@ -15,6 +15,8 @@ from pathlib import Path
 
 # TensorProto.DataType -> element width in bytes (complex types split into their float parts).
 _WIDTHS = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 14: 4, 15: 8, 16: 2}
+# float, float16, double, complex64, complex128, bfloat16: IEEE sign, exponent, mantissa elements.
+_FLOATS = frozenset({1, 10, 11, 14, 15, 16})
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,8 @@ class TensorSpan:
     offset: int
     length: int
     width: int
+    # IEEE floats, or of unknown type: the encoder then also tries FPLANES (exponent in one plane)
+    fp: bool = False
 
 
 class _NotProtobuf(Exception):
@@ -86,7 +90,7 @@ def find_initializers(buf: bytes, min_bytes: int = 0) -> list[TensorSpan]:
         for start, end in _initializers(buf):
             t = _tensor(buf, start, end)
             if t.raw is not None and t.raw[1] >= max(min_bytes, 1):
-                spans.append(TensorSpan(t.name, t.raw[0], t.raw[1], t.width(t.raw[1])))
+                spans.append(TensorSpan(t.name, t.raw[0], t.raw[1], t.width(t.raw[1]), t.fp))
     except _NotProtobuf:
         return []
     spans.sort(key=lambda s: s.offset)
@@ -111,7 +115,7 @@ def find_external(buf: bytes, location: str, data_size: int, min_bytes: int = 0)
             except ValueError:
                 continue
             if offset >= 0 and length >= max(min_bytes, 1) and offset + length <= data_size:
-                spans.append(TensorSpan(t.name, offset, length, t.width(length)))
+                spans.append(TensorSpan(t.name, offset, length, t.width(length), t.fp))
     except _NotProtobuf:
         return []
     spans.sort(key=lambda s: s.offset)
@@ -148,6 +152,10 @@ class _Tensor:
     def width(self, length: int) -> int:
         width = _WIDTHS.get(self.dtype, 1)
         return width if length % width == 0 else 1
+
+    @property
+    def fp(self) -> bool:
+        return self.dtype in _FLOATS
 
     def element_bytes(self) -> int:
         if self.dtype not in _WIDTHS:

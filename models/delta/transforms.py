@@ -1,5 +1,6 @@
-"""Tensor transforms: byte planes split by element width, XOR, wrapping integer difference, and the
-integer difference of a sparse update kept as (gaps between changed elements, their differences)."""
+"""Tensor transforms: byte planes split by element width, XOR, wrapping integer difference, the
+integer difference of a sparse update kept as (gaps between changed elements, their differences),
+and byte planes of the elements rotated left by one bit (floats: the exponent in one plane)."""
 
 import numpy as np
 
@@ -10,6 +11,8 @@ from models.delta.format import BASED, Transform
 _SLICE = 1 << 18
 # SPARSE gaps and counts are u32: chunks are far smaller (CHUNK_BYTES, MAX_SEGMENT_BYTES).
 _MAX_SPARSE_ELEMENTS = (1 << 32) - 1
+# FPLANES rotates this many elements at a time in apply, so its shift temporaries stay small.
+_ROTATE_SLICE = 1 << 18
 
 
 def split_planes(data: bytes, width: int) -> bytes:
@@ -29,6 +32,31 @@ def _uint(width: int) -> np.dtype[np.unsignedinteger]:
     return np.dtype(f"<u{width}")
 
 
+def rotate_left(data: bytes, width: int) -> bytes:
+    """Every `width`-byte little-endian element rotated left by one bit (FPLANES before splitting).
+
+    For IEEE floats this moves the sign bit to bit 0, among random mantissa bits, and the exponent
+    up by one: the top byte then holds exactly the exponent of fp32 and bf16 (fp16: the exponent
+    and 3 mantissa bits; fp64: the exponent's top 8 bits), where order-0 coding sees it whole.
+    """
+    if width == 1:
+        raise ValueError("FPLANES rotates elements of 2, 4 or 8 bytes, not 1")
+    a = np.frombuffer(data, _uint(width))
+    bits = a.dtype.type(8 * width - 1)
+    rotated: np.ndarray = (a << a.dtype.type(1)) | (a >> bits)
+    return rotated.tobytes()
+
+
+def _rotate_right_in_place(values: np.ndarray) -> None:
+    """The inverse of rotate_left, a slice at a time: a chunk gets no second buffer of its size."""
+    one, bits = values.dtype.type(1), values.dtype.type(8 * values.dtype.itemsize - 1)
+    for start in range(0, values.size, _ROTATE_SLICE):
+        part = values[start : start + _ROTATE_SLICE]
+        low = part & one
+        np.right_shift(part, one, out=part)
+        np.bitwise_or(part, low << bits, out=part)
+
+
 def sparse_coded_size(new: bytes, old: bytes, width: int) -> int:
     """How many bytes SPARSE would hand to zstd (to skip it where it cannot be the smaller)."""
     changed = int(np.count_nonzero(np.frombuffer(new, _uint(width)) != np.frombuffer(old, _uint(width))))
@@ -43,6 +71,8 @@ def forward(transform: Transform, width: int, new: bytes, old: bytes | None) -> 
         return bytes(new)
     if transform is Transform.PLANES:
         return split_planes(new, width)
+    if transform is Transform.FPLANES:
+        return split_planes(rotate_left(new, width), width)
     if old is None or len(old) != len(new):
         raise ValueError(f"{transform.name} needs a base range of the same length")
     a, b = np.frombuffer(new, _uint(width)), np.frombuffer(old, _uint(width))
@@ -82,11 +112,15 @@ def join_into(transform: Transform, width: int, coded: bytes, length: int) -> by
         raise DeltaError(f"delta corrupt: {transform.name} holds {len(coded)} bytes for {length}")
     if transform is Transform.RAW:
         return coded
+    if transform is Transform.FPLANES and width == 1:
+        raise DeltaError("delta corrupt: FPLANES needs elements of 2, 4 or 8 bytes, the record says 1")
     out = np.empty(length, np.uint8)
     if width == 1:
         out[...] = np.frombuffer(coded, np.uint8)
     else:
         out.reshape(-1, width)[...] = np.frombuffer(coded, np.uint8).reshape(width, -1).T
+    if transform is Transform.FPLANES:
+        _rotate_right_in_place(out.view(_uint(width)))
     return out.data
 
 

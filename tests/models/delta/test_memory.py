@@ -51,3 +51,27 @@ def test_apply_peak_memory_does_not_grow_with_the_model(tmp_path: Path) -> None:
     # allocator may keep one freed chunk in its heap.
     assert grew_mib < 3 * CHUNK_BYTES / 2**20, f"apply grew by {grew_mib:.0f} MiB for an 80 MB model"
     assert 0.65 * len(new_model) > 3 * CHUNK_BYTES  # so the bound above is well below the model's size
+
+
+@pytest.mark.slow
+def test_apply_peak_memory_with_fplanes(tmp_path: Path) -> None:
+    """The same bound where chunks are FPLANES (rotated back in place): a model against an unrelated base."""
+    rng = np.random.default_rng(6)
+    shapes = [(2 * CHUNK_BYTES // 4,), (CHUNK_BYTES // 4 + 1000,), (3_000_000,)]
+    new_model, _ = onnx_model(
+        [(f"t{i}", (rng.standard_normal(s) * 0.05).astype(np.float32)) for i, s in enumerate(shapes)]
+    )
+    old_model, _ = onnx_model([("other", rng.integers(0, 255, 5000).astype(np.uint8))])
+    old, new, delta, out = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "d.efd", tmp_path / "out"
+    old.write_bytes(old_model)
+    new.write_bytes(new_model)
+    made = encode(old, new, delta, level=1)
+    assert made.target_bytes_by.get("fplanes", 0) > 0.9 * made.target_size
+    baseline = _peak_kib("None")
+    peak = _peak_kib(f"apply(P({str(old)!r}), P({str(delta)!r}), P({str(out)!r}))")
+    assert out.read_bytes() == new_model
+    grew_mib = (peak - baseline) / 1024
+    assert grew_mib < 3 * CHUNK_BYTES / 2**20, (
+        f"apply grew by {grew_mib:.0f} MiB for a {len(new_model) >> 20} MiB model"
+    )
+    assert len(new_model) > 3 * CHUNK_BYTES

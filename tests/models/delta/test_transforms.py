@@ -25,6 +25,10 @@ def test_every_transform_inverts(width: int, transform: Transform, data: st.Data
     new = data.draw(st.binary(min_size=n, max_size=n))
     old = data.draw(st.binary(min_size=n, max_size=n))
     base = old if transform in BASED else None
+    if transform is Transform.FPLANES and width == 1:  # a float has no 1-byte form: refused
+        with pytest.raises(ValueError, match="2, 4 or 8"):
+            forward(transform, width, new, base)
+        return
     coded = forward(transform, width, new, base)
     if transform is not Transform.SPARSE:
         assert len(coded) == len(new)
