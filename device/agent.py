@@ -61,7 +61,7 @@ class Agent:
         self.config = config
         self.started = time.time()
         self.version = agent_version()
-        self.engine = Engine(probe(), pinned=config.backend)
+        self.engine = Engine(probe(), pinned=config.backend, precision=config.precision)
         device_key = load_private_key(data.device_key)
         self.link = DeviceLink(
             config.device_id,

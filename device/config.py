@@ -6,6 +6,7 @@ import secrets
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -71,6 +72,10 @@ class DeviceConfig(BaseModel):
     probation_s: float = Field(default=30.0, ge=0, description="seconds a new model is watched before commit")
     pipeline_poll_s: float = Field(default=0.2, gt=0, description="how often the inbox folder is scanned")
     backend: str | None = Field(default=None, description="pin one backend by name instead of choosing")
+    precision: Literal["auto", "fp32"] = Field(
+        default="auto",
+        description="auto: serve a package's int8/fp16 variant where it passes its check here; fp32: never",
+    )
     telemetry_max_bytes: int = Field(
         default=64 * 1024 * 1024, ge=64 * 1024, description="disk bound of the telemetry outbox"
     )

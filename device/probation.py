@@ -83,18 +83,28 @@ class Probation:
             detail["shadow"] = shadow
         if self.requested is not None:
             return Verdict(self.requested, detail)
+        # The model's own limits (manifest `probation`) where it names them, else the device's
+        # error-rate limit and the manifest's latency budget.
+        limits = serving.manifest.probation
+        max_error_rate = self.max_error_rate
+        if limits is not None and limits.max_error_rate is not None:
+            max_error_rate = limits.max_error_rate
+        budget: float = serving.manifest.latency_budget_ms
+        budget_name = "budget"
+        if limits is not None and limits.max_latency_p95_ms is not None:
+            budget, budget_name = limits.max_latency_p95_ms, "manifest's probation limit"
         attempts = stats.inferences + stats.errors
         error_rate = stats.errors / attempts if attempts else 0.0
-        if error_rate > self.max_error_rate:
+        if error_rate > max_error_rate:
             return Verdict(
-                f"error rate {error_rate:.0%} during probation, above the {self.max_error_rate:.0%} allowed",
+                f"error rate {error_rate:.0%} during probation, above the {max_error_rate:.0%} allowed",
                 detail,
             )
         p95 = stats.quantile(0.95)
-        budget = serving.manifest.latency_budget_ms
         if p95 is not None and len(stats.latencies_ms) >= MIN_LATENCY_SAMPLES and p95 > budget:
             return Verdict(
-                f"live p95 latency {p95:.1f} ms during probation exceeds the budget {budget} ms", detail
+                f"live p95 latency {p95:.1f} ms during probation exceeds the {budget_name} {budget} ms",
+                detail,
             )
         if self.gate is not None:
             reason = self.gate.verdict()

@@ -60,7 +60,9 @@ def manifest_for_bare_onnx(path: Path) -> Manifest:
     )
 
 
-def load_for_serving(model: Path, backend: str | None) -> tuple[Engine, ServingModel]:
+def load_for_serving(
+    model: Path, backend: str | None, precision: str = "auto"
+) -> tuple[Engine, ServingModel]:
     if model.is_dir():
         folder, manifest = model, verify_package(model)
     elif model.suffix == ".onnx":
@@ -69,7 +71,7 @@ def load_for_serving(model: Path, backend: str | None) -> tuple[Engine, ServingM
         raise ConfigError(
             f"{model}: give a package folder or an .onnx file (.tflite needs the LiteRT backend)"
         )
-    engine = Engine(probe(), pinned=backend)
+    engine = Engine(probe(), pinned=backend, precision=precision)
     serving = engine.prepare(folder, manifest)
     engine.serve(serving)
     return engine, serving

@@ -132,6 +132,9 @@ def device_run(
 def device_serve(
     model: Annotated[Path, typer.Option(help="a model package folder or a bare .onnx file")],
     backend: Annotated[str | None, typer.Option(help="pin a backend, e.g. onnxruntime-cpu")] = None,
+    precision: Annotated[
+        str, typer.Option(help="auto: a package's int8 variant where it passes its check here; fp32: never")
+    ] = "auto",
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8081,
     token_file: Annotated[Path | None, typer.Option(help="API token file (made, 0600, if missing)")] = None,
@@ -149,14 +152,15 @@ def device_serve(
     from models.errors import ModelError
 
     try:
-        engine, serving = load_for_serving(model, backend)
+        engine, serving = load_for_serving(model, backend, precision)
         engine.configure_batching(serving.manifest.name, BatchConfig(max_batch, max_wait_ms, max_queue))
     except (DeviceError, ModelError, ValueError) as e:
         _fail(str(e))
     token = api_token(token_file)
     name = serving.manifest.name
     typer.echo(
-        f"serving {name} v{serving.manifest.version} on {serving.backend} at http://{host}:{port}"
+        f"serving {name} v{serving.manifest.version} on {serving.backend} ({serving.served_precision}) "
+        f"at http://{host}:{port}"
         f"/v2/models/{name}"
     )
     typer.echo(f"API token: {'in ' + str(token_file) if token_file else token}")
@@ -196,6 +200,7 @@ def device_probe(
         "chosen": serving.backend,
         "passed_over": serving.passed_over,
         "golden_p95_ms": serving.golden_p95_ms,
+        "precision": serving.describe()["precision_decision"],
     }
     if as_json:
         _print_json({**choice, "profile": {**hw.to_dict(), "backend_order": order}})
@@ -205,6 +210,8 @@ def device_probe(
         typer.echo(f"  passed over {backend}: {reason}")
     if serving.golden_p95_ms is not None:
         typer.echo(f"  golden vectors pass, p95 {serving.golden_p95_ms:.2f} ms")
+    if serving.precision is not None:
+        typer.echo(f"  serves {serving.served_precision}: {serving.precision.reason}")
     typer.echo(format_profile(hw, order), nl=False)
 
 

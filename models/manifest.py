@@ -15,7 +15,14 @@ from models.errors import ManifestError
 
 SCHEMA_ID = "edgefleet.model/1"
 MAX_MANIFEST_BYTES = 1024 * 1024
+# The fleet keeps versions in SQLite INTEGER columns: signed 64-bit.
+MAX_VERSION = 2**63 - 1
+# A calibration set is read whole into memory on the device: keep it a sample, not a data set.
+MAX_CALIBRATION_BYTES = 32 * 1024 * 1024
+MAX_CALIBRATION_SAMPLES = 1024
 FileName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Precision = Literal["fp32", "fp16", "int8"]
 
 
 class _Strict(BaseModel):
@@ -54,15 +61,70 @@ class GoldenVectors(_Strict):
     rtol: float = Field(default=1e-3, ge=0)
 
 
+class CalibrationSet(_Strict):
+    """Representative inputs: what int8 ranges were calibrated on, and what a device compares on."""
+
+    file: FileName = Field(description="an .npz in the package: one array `input.<name>` per model input")
+    samples: int = Field(
+        ge=1, le=MAX_CALIBRATION_SAMPLES, description="rows along the first axis of every input array"
+    )
+
+
+class Variant(_Strict):
+    """Another file of the same model: a lower precision, or a build for one kind of target."""
+
+    file: FileName = Field(description="the variant's model file, listed in `files` like every file")
+    format: ModelFormat
+    precision: Precision
+    target: Literal["cpu", "cuda", "x86_64", "aarch64", "armv7l"] | None = Field(
+        default=None,
+        description="where it may run: a CPU backend, an NVIDIA one, or one CPU architecture; none: anywhere",
+    )
+    source_sha256: Sha256 | None = Field(
+        default=None,
+        description="sha256 of the model_file it was made from; a device skips it beside any other model",
+    )
+
+
+class PrecisionPolicy(_Strict):
+    """Which precision a device may serve, and what a lower one must prove against fp32 first."""
+
+    prefer: Precision = Field(
+        default="fp32", description="the lowest precision to try; fp32 serves the model_file only"
+    )
+    min_agreement: float = Field(
+        default=0.98, ge=0, le=1, description="least top-1 agreement with fp32 on golden + calibration inputs"
+    )
+    max_abs_diff: float | None = Field(
+        default=None, ge=0, description="largest allowed output difference from fp32; none: not checked"
+    )
+    min_speedup: float = Field(
+        default=1.05,
+        ge=1,
+        description="fp32 latency / lower-precision latency it must reach on the device (1.05: beyond noise)",
+    )
+
+
+class ProbationLimits(_Strict):
+    """What a device tolerates from this model while it is on probation after an update."""
+
+    max_error_rate: float | None = Field(default=None, ge=0, le=1, description="failed items / items")
+    max_latency_p95_ms: float | None = Field(default=None, gt=0, description="p95 of live calls")
+
+
 class FileEntry(_Strict):
     size: int = Field(ge=0)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sha256: Sha256
 
 
 class Manifest(_Strict):
     schema_id: Literal["edgefleet.model/1"] = Field(default="edgefleet.model/1", alias="schema")
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
-    version: int = Field(ge=1, description="monotonic; a device never installs a lower one")
+    version: int = Field(
+        ge=1,
+        le=MAX_VERSION,
+        description="monotonic; a device never installs a lower one; at most 2**63-1 (SQLite INTEGER)",
+    )
     format: ModelFormat
     model_file: FileName
     inputs: list[TensorSpec] = Field(min_length=1)
@@ -71,13 +133,20 @@ class Manifest(_Strict):
     labels: list[str] = []
     golden: GoldenVectors | None = None
     latency_budget_ms: float = Field(gt=0, description="p95 a device must meet on its golden inputs")
+    calibration: CalibrationSet | None = None
+    variants: list[Variant] = Field(default_factory=list, max_length=16)
+    precision: PrecisionPolicy | None = Field(default=None, description="none: serve fp32 only")
+    probation: ProbationLimits | None = None
     description: str = ""
     files: dict[FileName, FileEntry] = Field(description="every file of the package but the manifest")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     def to_json(self) -> str:
-        return self.model_dump_json(by_alias=True, indent=2, exclude_none=True) + "\n"
+        # Fields added after the first packages are left out while empty, so an older package's
+        # manifest reads back byte for byte (its sha256 names it in deltas and TUF targets).
+        exclude = {"variants"} if not self.variants else set()
+        return self.model_dump_json(by_alias=True, indent=2, exclude_none=True, exclude=exclude) + "\n"
 
 
 SCHEMA_FILE = Path(__file__).with_name("manifest.schema.json")
@@ -107,10 +176,47 @@ def parse_manifest(raw: bytes | str) -> Manifest:
             for err in e.errors()[:5]
         )
         raise ManifestError(f"manifest is invalid: {problems}") from e
-    for name in (manifest.model_file, *([manifest.golden.file] if manifest.golden else [])):
+    for name in referenced_files(manifest):
         if name not in manifest.files:
             raise ManifestError(f"manifest field 'files' lacks {name!r}, which the manifest refers to")
+    _check_variants(manifest)
+    _check_calibration(manifest)
     return manifest
+
+
+def referenced_files(manifest: Manifest) -> list[str]:
+    """Every file the manifest's fields name (each must also be listed in `files`)."""
+    names = [manifest.model_file]
+    if manifest.golden is not None:
+        names.append(manifest.golden.file)
+    if manifest.calibration is not None:
+        names.append(manifest.calibration.file)
+    names.extend(v.file for v in manifest.variants)
+    return list(dict.fromkeys(names))
+
+
+def _check_variants(manifest: Manifest) -> None:
+    seen: set[str] = set()
+    for i, variant in enumerate(manifest.variants):
+        if variant.file == manifest.model_file:
+            raise ManifestError(
+                f"manifest field 'variants.{i}.file': {variant.file!r} is the model_file itself; "
+                "a variant must be another file"
+            )
+        if variant.file in seen:
+            raise ManifestError(f"manifest field 'variants.{i}.file': {variant.file!r} is listed twice")
+        seen.add(variant.file)
+
+
+def _check_calibration(manifest: Manifest) -> None:
+    if manifest.calibration is None:
+        return
+    size = manifest.files[manifest.calibration.file].size
+    if size > MAX_CALIBRATION_BYTES:
+        raise ManifestError(
+            f"manifest field 'calibration': {manifest.calibration.file} is {size} bytes, over the "
+            f"{MAX_CALIBRATION_BYTES} limit; ship fewer samples (a few dozen is enough)"
+        )
 
 
 def load_manifest(folder: Path) -> Manifest:

@@ -14,7 +14,7 @@ from typing import Any
 
 from models.errors import PackageError
 from models.fsutil import fsync_dir
-from models.manifest import FileEntry, Manifest, load_manifest, parse_manifest
+from models.manifest import FileEntry, Manifest, load_manifest, parse_manifest, referenced_files
 
 MANIFEST = "manifest.json"
 DEFAULT_MAX_PACKAGE_BYTES = 512 * 1024 * 1024
@@ -34,8 +34,10 @@ def hash_file(path: Path) -> FileEntry:
 
 
 def write_manifest(folder: Path, fields: dict[str, Any], files: list[str]) -> Manifest:
-    """Write `manifest.json` for `folder` from `fields`, hashing each of `files` into it."""
-    entries = {name: hash_file(folder / name).model_dump() for name in sorted(files)}
+    """Write `manifest.json` for `folder` from `fields`, hashing into it each of `files` and every
+    file the fields name (model, golden vectors, calibration set, variants)."""
+    named = referenced_files(Manifest.model_validate({**fields, "files": {}}))
+    entries = {name: hash_file(folder / name).model_dump() for name in sorted({*files, *named})}
     manifest = parse_manifest(Manifest.model_validate({**fields, "files": entries}).to_json())
     (folder / MANIFEST).write_text(manifest.to_json())
     return manifest

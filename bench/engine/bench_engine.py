@@ -70,6 +70,7 @@ def raw_session(model_file: Path, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
 
 

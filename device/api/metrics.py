@@ -18,7 +18,7 @@ class AgentCollector:
         self.extra = extra
 
     def collect(self) -> Iterator[Metric]:
-        labels = ["model", "version", "backend"]
+        labels = ["model", "version", "backend", "precision"]
         inferences = CounterMetricFamily("edgefleet_inferences", "Items inferred per model", labels=labels)
         errors = CounterMetricFamily(
             "edgefleet_inference_errors", "Items whose inference failed", labels=labels
@@ -28,7 +28,7 @@ class AgentCollector:
         )
         for name in self.engine.names():
             serving = self.engine.get(name)
-            values = [name, str(serving.manifest.version), serving.backend]
+            values = [name, str(serving.manifest.version), serving.backend, serving.served_precision]
             with serving.lock:
                 stats = serving.stats
                 inferences.add_metric(values, stats.inferences)

@@ -17,6 +17,7 @@ import numpy as np
 
 from device.engine.backends.base import Backend, LoadedModel, Tensors
 from device.engine.batcher import BatchConfig, MicroBatcher, Unavailable
+from device.engine.precision import PRECISION_SETTINGS, PrecisionDecision, choose_precision, fp32_only
 from device.engine.probe import HardwareProfile
 from device.engine.registry import select_and_load
 from device.errors import EngineError, GoldenTestFailed, InferenceInputError
@@ -59,6 +60,11 @@ class ServingModel:
     golden_p95_ms: float | None
     stats: ModelStats = field(default_factory=ModelStats)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    precision: PrecisionDecision | None = None  # None: built by hand, fp32 from model_file
+
+    @property
+    def served_precision(self) -> str:
+        return self.precision.precision if self.precision else "fp32"
 
     @property
     def batchable(self) -> bool:
@@ -72,6 +78,8 @@ class ServingModel:
             "version": self.manifest.version,
             "backend": self.backend,
             "passed_over": self.passed_over,
+            "precision": self.served_precision,
+            "precision_decision": (self.precision or fp32_only(self.manifest, "not checked")).to_dict(),
             "golden_p95_ms": self.golden_p95_ms,
             "latency_budget_ms": self.manifest.latency_budget_ms,
             "inferences": self.stats.inferences,
@@ -146,14 +154,27 @@ def prove(model: LoadedModel, folder: Path, manifest: Manifest) -> float | None:
 
 
 class Engine:
-    """Several models at once, each on the backend chosen for it on this machine."""
+    """Several models at once, each on the backend chosen for it on this machine.
+
+    `precision` "auto" serves a package's lower-precision variant where it passes its check against
+    fp32 on this machine (device/engine/precision.py); "fp32" always serves the model file.
+    """
 
     def __init__(
-        self, profile: HardwareProfile, backends: list[Backend] | None = None, pinned: str | None = None
+        self,
+        profile: HardwareProfile,
+        backends: list[Backend] | None = None,
+        pinned: str | None = None,
+        precision: str = "auto",
     ) -> None:
+        if precision not in PRECISION_SETTINGS:
+            raise EngineError(
+                f"precision setting {precision!r} is not one of {', '.join(PRECISION_SETTINGS)}"
+            )
         self.profile = profile
         self._backends = backends
         self._pinned = pinned
+        self.precision = precision
         self._models: dict[str, ServingModel] = {}
         self._batch_configs: dict[str, BatchConfig] = {}
         self._batchers: dict[str, MicroBatcher[ServingModel]] = {}
@@ -167,10 +188,28 @@ class Engine:
         )
         try:
             p95 = prove(selection.model, folder, manifest)
+            golden = (
+                check_inputs(manifest.inputs, load_golden(folder, manifest)[0]) if manifest.golden else None
+            )
+            model, decision = choose_precision(
+                selection.model,
+                selection.loader,
+                selection.backend,
+                folder,
+                manifest,
+                self.profile,
+                golden,
+                self.precision,
+            )
         except Exception:
             selection.model.close()
             raise
-        return ServingModel(manifest, folder, selection.backend, selection.passed_over, selection.model, p95)
+        if model is not selection.model:
+            selection.model.close()
+            p95 = decision.golden_p95_ms
+        return ServingModel(
+            manifest, folder, selection.backend, selection.passed_over, model, p95, precision=decision
+        )
 
     def serve(self, serving: ServingModel) -> ServingModel | None:
         """Make `serving` the model callers get under its name; returns the one it replaced."""

@@ -115,6 +115,7 @@ class Selection:
     backend: str
     model: LoadedModel
     passed_over: dict[str, str] = field(default_factory=dict)
+    loader: Backend | None = None  # the backend object, to load the package's other variants on it
 
 
 def select_and_load(
@@ -156,7 +157,7 @@ def select_and_load(
             passed_over[name] = reason
             continue
         try:
-            return Selection(name, backend.load(model_path, manifest, profile), passed_over)
+            return Selection(name, backend.load(model_path, manifest, profile), passed_over, backend)
         except EngineError as e:
             passed_over[name] = f"load failed: {e}"
     raise NoBackendAvailable(label, passed_over)

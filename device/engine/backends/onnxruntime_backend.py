@@ -5,7 +5,7 @@ from pathlib import Path
 from device.engine.backends.base import Tensors
 from device.engine.probe import HardwareProfile
 from device.errors import EngineError
-from models.manifest import Manifest, ModelFormat
+from models.manifest import Manifest, ModelFormat, Variant
 
 
 class OnnxRuntimeModel:
@@ -15,6 +15,10 @@ class OnnxRuntimeModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        # Intra-op threads that spin between runs burn a core the device's other work (the agent,
+        # a second model, the OS) needs, and on a loaded box they made timings swing 0.7x-2.2x
+        # (bench/engine/RESULTS_precision.md); idle threads sleep instead.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(str(model_path), options, providers=[provider])
         except Exception as e:  # ORT raises its own untyped errors for corrupt or unsupported files
@@ -45,3 +49,9 @@ class OnnxRuntimeBackend:
 
     def load(self, model_path: Path, manifest: Manifest, profile: HardwareProfile) -> OnnxRuntimeModel:
         return OnnxRuntimeModel(model_path, self.provider, threads=max(1, profile.cpu_count))
+
+    def variant_problem(self, variant: Variant, profile: HardwareProfile) -> str | None:
+        """None when this provider can run `variant` (an ONNX file of any precision: fp16, QDQ int8)."""
+        if variant.format is not ModelFormat.ONNX:
+            return f"runs ONNX models only, this variant is {variant.format.value}"
+        return None
