@@ -6,12 +6,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint typecheck unit e2e fuzz mosquitto models clean
+.PHONY: demo test lint typecheck unit e2e fuzz mosquitto cross-gcc models clean
 
 demo: $(STAMP) mosquitto
 	$(BIN)/edgefleet demo
 
-test: $(STAMP) mosquitto lint typecheck
+test: $(STAMP) mosquitto cross-gcc lint typecheck
 	$(BIN)/pytest
 
 lint: $(STAMP)
@@ -36,7 +36,7 @@ fuzz: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[device,fleet,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[device,fleet,dev,tvm]'
 	touch $(STAMP)
 
 # Debian's Mosquitto, only where it is missing (it lives in /usr/sbin, which may not be on PATH).
@@ -44,6 +44,13 @@ mosquitto:
 	@command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || { \
 	  echo "installing Debian's mosquitto"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mosquitto >/dev/null; }
+
+# Debian's aarch64 cross compiler, only where it is missing: the fleet links TVM libraries for ARM
+# devices with it (tests/device/engine/backends/test_tvm.py).
+cross-gcc:
+	@command -v aarch64-linux-gnu-g++ >/dev/null || { \
+	  echo "installing Debian's g++-aarch64-linux-gnu"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq g++-aarch64-linux-gnu >/dev/null; }
 
 # Retrain the sample models (needs torch, CPU build, from the [train] extra) and rebuild their packages.
 models: $(STAMP)
