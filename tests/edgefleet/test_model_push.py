@@ -12,20 +12,18 @@ import struct
 import subprocess
 import sys
 import termios
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 
-from edgefleet.procs import free_port, wait_for
 from edgefleet.progress import ByteProgress, format_bytes
 from fleet.api import create_app
 from fleet.client import FleetApiError, FleetClient
 from fleet.db import open_database
 from fleet.service import FleetService
 from fleet.store import FleetDataDir
+from tests.asgi_server import serving
 
 TOKEN = "operator-push-token"
 pytestmark = pytest.mark.timeout(120)
@@ -41,16 +39,8 @@ def fleet_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         raise AssertionError(f"nothing is published when a model is registered ({topic})")
 
     service.publish = publish
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(service, TOKEN), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for("the fleet API", lambda: server.started, 10, 0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serving(create_app(service, TOKEN)) as url:
+        yield url
 
 
 def cli(*args: str, stderr: int = subprocess.PIPE) -> subprocess.CompletedProcess[bytes]:

@@ -7,7 +7,6 @@ The enrollment routes declare no security: the enrollment token in the body is t
 `HYPOTHESIS_PROFILE=fuzz` (make fuzz) multiplies the bounds by FUZZ_SCALE.
 """
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,13 +14,12 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-import uvicorn
 
-from edgefleet.procs import free_port, wait_for
 from fleet.api import create_app
 from fleet.db import open_database
 from fleet.service import FleetService
 from fleet.store import FleetDataDir
+from tests.asgi_server import serving
 from tests.conftest import FUZZ_SCALE
 from tests.device.api.test_schemathesis import CHECKS, fuzz_each_operation, run_stateful
 
@@ -47,16 +45,8 @@ def fleet_url(tmp_path_factory: pytest.TempPathFactory, archives: dict[int, Path
     service.add_device(KNOWN["device_id"])
     service.register_model(archives[1])
     service.register_model(archives[2])
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(service, TOKEN), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for("the fleet API", lambda: server.started, 10, 0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serving(create_app(service, TOKEN)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

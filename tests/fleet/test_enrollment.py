@@ -11,12 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgefleet.procs import free_port
 from fleet.api import create_app
 from fleet.db import Device, TelemetryRecordRow, open_database
 from fleet.enrollment import DeviceCertificate, EnrollmentRefused, TooManyFailures, enrollment_of
@@ -24,6 +22,7 @@ from fleet.errors import Conflict, InvalidRequest, NotFound
 from fleet.service import FleetService
 from fleet.store import FleetDataDir
 from models.signing import public_key_pem
+from tests.asgi_server import serving
 from tests.conftest import make_csr
 
 OPERATOR = "operator-token-for-tests"
@@ -57,30 +56,10 @@ def serve_fleet_api(
 
         await app(scope, receive_and_record, send)
 
-    port = free_port()
     cert, key = service.data.ca().api_tls() if https else (None, None)
-    config = uvicorn.Config(
-        recording,
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        lifespan="off",
-        ssl_certfile=cert,
-        ssl_keyfile=key,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the fleet API did not start")
-        time.sleep(0.02)
-    try:
-        yield f"{'https' if https else 'http'}://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    tls = (str(cert), str(key)) if https else None
+    with serving(recording, https=tls, lifespan="off") as url:
+        yield url
 
 
 def enroll(service: FleetService, token: str, client: str = "10.0.0.1", **kw: Any) -> dict[str, Any]:

@@ -1,16 +1,14 @@
 """The local API on a real socket: uvicorn in a thread, the sample model served by a real engine."""
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from device.api import create_app
 from device.engine.engine import Engine
-from edgefleet.procs import free_port, wait_for
 from models.manifest import load_manifest
+from tests.asgi_server import serving
 
 TOKEN = "test-token-123"
 
@@ -25,12 +23,6 @@ def served(engine: Engine, zoo: Path) -> Iterator[Engine]:
 
 @pytest.fixture
 def api(served: Engine) -> Iterator[str]:
-    port = free_port()
     app = create_app(served, lambda: {"device_id": "dev-a"}, TOKEN, lambda: {"update_state": "idle"})
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for("the API", lambda: server.started, 10, 0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serving(app) as url:
+        yield url

@@ -4,7 +4,6 @@ The fleet's side is a real Ed25519 key issuing real tokens (protocol/field_token
 holds its public key in a FieldTrust the test swaps as the fleet would (new revocations).
 """
 
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,7 +11,6 @@ from dataclasses import dataclass
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import APIRouter, HTTPException
 
@@ -20,8 +18,8 @@ from device.api import create_app
 from device.api.auth import SCHEME_DESCRIPTION, Authenticator
 from device.api.ratelimit import FailedLoginLimiter
 from device.engine.engine import Engine
-from edgefleet.procs import free_port, wait_for
 from protocol.field_token import FieldTrust, issue, key_id
+from tests.asgi_server import serving
 from tests.device.api.conftest import TOKEN
 
 DEVICE = "dev-a"
@@ -61,14 +59,8 @@ def bearer(credential: str) -> dict[str, str]:
 
 
 def serve(app: object) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))  # type: ignore[arg-type]
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for("the API", lambda: server.started, 10, 0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serving(app) as url:
+        yield url
 
 
 def line_router() -> APIRouter:

@@ -8,7 +8,6 @@ operation that declares the bearer scheme refuses the request without (or with a
 """
 
 import re
-import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -17,7 +16,6 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import ignored_auth, response_schema_conformance
@@ -30,7 +28,7 @@ from device.engine.engine import Engine
 from device.engine.probe import probe
 from device.line import LineState
 from device.slots import install_initial
-from edgefleet.procs import free_port, wait_for
+from tests.asgi_server import serving
 from tests.conftest import FUZZ_SCALE
 from tests.device.test_updater import MemoryFleet, make_updater, new_fleet_tuf, serve_v1
 
@@ -127,14 +125,8 @@ def device_url(tmp_path_factory: pytest.TempPathFactory, archives: dict[int, Pat
         limiter=limiter,
         routers=[update_routes.router(updater, line)],
     )
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for("the device API", lambda: server.started, 10, 0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serving(app) as url:
+        yield url
     engine.close()
 
 
