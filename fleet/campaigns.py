@@ -2,7 +2,8 @@
 
 The planner (`fleet/rollouts.py`) is pure bookkeeping over the database; this is where it meets the
 service's offers. One lock serialises the tick and every operator action, so an offer planned
-just before an abort is never sent after it, and withdrawn offers are never re-sent.
+just before an abort is never sent after it, and withdrawn offers are never re-sent. The database
+work runs in threads: the event loop it would block also answers the devices' chunk requests.
 """
 
 import asyncio
@@ -37,9 +38,7 @@ class CampaignDriver:
         """Offer what is due in each active campaign; the new update (or rollback) ids."""
         created: list[str] = []
         async with self._lock:
-            with self.service.sessions() as s:
-                active = rollouts.active_campaigns(s)
-            for campaign_id in active:
+            for campaign_id in await asyncio.to_thread(self._active):
                 created += await rollouts.offer_next(
                     self.service.sessions,
                     campaign_id,
@@ -48,6 +47,10 @@ class CampaignDriver:
                     self.service.clock(),
                 )
         return created
+
+    def _active(self) -> list[str]:
+        with self.service.sessions() as s:
+            return rollouts.active_campaigns(s)
 
     async def start(
         self,
@@ -58,33 +61,44 @@ class CampaignDriver:
         seed: str | None = None,
     ) -> dict[str, Any]:
         async with self._lock:
-            with self.service.sessions.begin() as s:
-                campaign_id = rollouts.create_campaign(
-                    s, model_name, version, target, phases, seed=seed, now=self.service.clock()
-                )
+            campaign_id = await asyncio.to_thread(
+                self._create, model_name, version, target, phases, seed, self.service.clock()
+            )
         await self.tick()  # the first phase goes out now, not at the next tick
-        return self.status(campaign_id)
+        return await asyncio.to_thread(self.status, campaign_id)
+
+    def _create(
+        self,
+        model_name: str,
+        version: int,
+        target: Target,
+        phases: list[Phase] | None,
+        seed: str | None,
+        now: float,
+    ) -> str:
+        with self.service.sessions.begin() as s:
+            return rollouts.create_campaign(s, model_name, version, target, phases, seed=seed, now=now)
 
     async def act(self, campaign_id: str, action: Action, reason: str = "") -> dict[str, Any]:
         async with self._lock:
-            now = self.service.clock()
-            with self.service.sessions.begin() as s:
-                if action == "pause":
-                    rollouts.pause(s, campaign_id, now)
-                elif action == "resume":
-                    rollouts.resume(s, campaign_id, now)
-                elif action == "abort":
-                    rollouts.abort(s, campaign_id, reason or "aborted by the operator", now)
-                else:
-                    rollouts.rollback(s, campaign_id, now)
-                withdraw = (
-                    rollouts.unstarted_offers(s, campaign_id) if action in ("abort", "rollback") else []
-                )
-            if withdraw:
-                self.service.cancel_pending(withdraw, f"campaign {campaign_id}: {action}")
+            await asyncio.to_thread(self._act, campaign_id, action, reason, self.service.clock())
         if action == "rollback":
             await self.tick()
-        return self.status(campaign_id)
+        return await asyncio.to_thread(self.status, campaign_id)
+
+    def _act(self, campaign_id: str, action: Action, reason: str, now: float) -> None:
+        with self.service.sessions.begin() as s:
+            if action == "pause":
+                rollouts.pause(s, campaign_id, now)
+            elif action == "resume":
+                rollouts.resume(s, campaign_id, now)
+            elif action == "abort":
+                rollouts.abort(s, campaign_id, reason or "aborted by the operator", now)
+            else:
+                rollouts.rollback(s, campaign_id, now)
+            withdraw = rollouts.unstarted_offers(s, campaign_id) if action in ("abort", "rollback") else []
+        if withdraw:
+            self.service.cancel_pending(withdraw, f"campaign {campaign_id}: {action}")
 
     def status(self, campaign_id: str) -> dict[str, Any]:
         with self.service.sessions() as s:

@@ -3,22 +3,37 @@
 Health, statuses and chunk requests come through MQTT 5 shared subscriptions, so more workers
 can share the load behind one broker. Retained state is not delivered to shared subscriptions,
 so each worker reads `state` with a plain one.
+
+Three paths, so that no device waits on another's kind of work:
+- chunk and metadata requests are answered concurrently, MAX_REQUESTS_IN_FLIGHT at once (building
+  the frame and awaiting its PUBACK); past that the worker reads no further message until one ends;
+- state, health and update statuses go into one ordered queue (`DeviceReports`) whose database work
+  runs on one thread, in arrival order, so a device's reports are recorded in the order it sent them
+  and the event loop keeps answering chunk requests while SQLite commits;
+- sealed telemetry goes to the `IngestBatcher` (batches in a thread, receipts after the commit).
 """
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
+import queue
+import threading
 from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from sqlalchemy.exc import OperationalError
 
 from fleet.broker_auth import FLEET_USER
+from fleet.db import Update
 from fleet.ingest import IngestBatcher, Outcome
-from fleet.service import FleetService
+from fleet.service import OFFERS_IN_FLIGHT, FleetService, Report
 from protocol import topics
 from protocol.backoff import backoff_delay
 from protocol.errors import ProtocolError
@@ -44,12 +59,139 @@ RECEIPT_MAX_SEQS = 10_000  # per list in one TelemetryAck (its schema's bound)
 RECEIPT_MAX_DELAY_S = 5.0  # a device waits at most this for its receipt (it resends after 15 s)
 RECEIPTS_PER_TICK = 100  # receipts sent per tick at least, when that many devices wait
 RECEIPTS_IN_FLIGHT = 64  # receipts awaiting their PUBACK at once
+MAX_REQUESTS_IN_FLIGHT = 64  # chunk and metadata answers being built or awaiting their PUBACK at once
+MAX_REPORTS_QUEUED = 10_000  # device reports waiting for the database; past it the worker waits
+REPORTS_PER_BATCH = 200  # reports the database thread records in one transaction, at most
 
 
 def _session_properties() -> Properties:
     properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     properties.SessionExpiryInterval = SESSION_EXPIRY_S
     return properties
+
+
+@dataclass(frozen=True)
+class _Report:
+    device_id: str
+    message: DeviceState | Health | UpdateStatus
+
+
+class DeviceReports:
+    """Device reports (state, health, update statuses) in one queue, recorded by one thread in order.
+
+    One queue and one consumer keep each device's reports in the order they arrived (a status after
+    the one before it, `committed` after `probation`), and the database's waits (a commit, another
+    writer's lock) happen off the event loop. The thread takes what has queued up, up to
+    REPORTS_PER_BATCH, and records them in one transaction.
+    """
+
+    def __init__(
+        self,
+        service: FleetService,
+        capacity: int = MAX_REPORTS_QUEUED,
+        batch: int = REPORTS_PER_BATCH,
+    ) -> None:
+        if capacity < 1 or batch < 1:
+            raise ValueError("capacity and batch must be at least 1")
+        self.service = service
+        self.batch = batch
+        self.recorded = 0
+        self.failed = 0  # reports whose database work raised (logged; the device's next one counts)
+        self._queue: queue.SimpleQueue[_Report | None] = queue.SimpleQueue()
+        self._room = asyncio.Semaphore(capacity)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._resending: set[asyncio.Future[None]] = set()
+
+    async def put(self, device_id: str, message: DeviceState | Health | UpdateStatus) -> None:
+        """Queue a report; waits (and so reads no further message) while `capacity` are queued."""
+        await self._room.acquire()
+        self._queue.put(_Report(device_id, message))
+
+    async def run(self) -> None:
+        """Record reports until cancelled; then the ones already queued, for up to 10 s."""
+        self._loop = asyncio.get_running_loop()
+        thread = threading.Thread(target=self._work, name="edgefleet-device-reports", daemon=True)
+        thread.start()
+        try:
+            await asyncio.Future()  # until cancelled
+        finally:
+            self._queue.put(None)
+            await asyncio.to_thread(thread.join, 10.0)
+
+    def _work(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self.batch:
+                try:
+                    report = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if report is None:
+                    stop = True
+                    break
+                batch.append(report)
+            self._record(batch)
+            self._call_soon(self._release, len(batch))
+            if stop:
+                return
+
+    def _record(self, batch: list[_Report]) -> None:
+        """The batch in one transaction; if that fails, each report in its own, so that one bad
+        report (or a database error) costs only itself."""
+        reports: list[Report] = [(r.device_id, r.message) for r in batch]
+        try:
+            resend = self.service.record_reports(reports)
+            self.recorded += len(batch)
+        except (
+            OperationalError
+        ):  # the database itself (locked past its timeout, disk full): not a report's fault
+            self._lost(batch)
+            log.exception("recording %d reports failed; the devices report again", len(batch))
+            return
+        except Exception:
+            if len(batch) == 1:
+                self._lost(batch)
+                log.exception("recording %s's %s failed", batch[0].device_id, type(batch[0].message).__name__)
+                return
+            log.warning("recording %d reports in one transaction failed; one by one now", len(batch))
+            for report in batch:
+                self._record([report])
+            return
+        if resend:
+            self._call_soon(self._resend, resend)
+
+    def _lost(self, batch: list[_Report]) -> None:
+        self.failed += len(batch)
+        self._call_soon(self._count_rejected, len(batch))
+
+    def _call_soon(self, fn: Callable[..., object], *args: object) -> None:
+        if self._loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed while the last reports were recorded
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _count_rejected(self, count: int) -> None:
+        self.service.rejected_messages += count  # on the loop, where the worker counts the others
+
+    def _release(self, count: int) -> None:
+        for _ in range(count):
+            self._room.release()
+
+    def _resend(self, updates: list[Update]) -> None:
+        task = asyncio.ensure_future(self.service.resend_offers(updates))
+        self._resending.add(task)  # held, or the loop may drop the task before it ends
+        task.add_done_callback(self._resending.discard)
+        task.add_done_callback(_log_failure)
+
+
+def _log_failure(task: "asyncio.Future[None]") -> None:
+    if not task.cancelled() and task.exception() is not None:
+        # The offers stay pending; the device is sent them again when it next comes online.
+        log.warning("offers not re-sent: %r", task.exception())
 
 
 class FleetWorker:
@@ -60,9 +202,13 @@ class FleetWorker:
         port: int,
         worker_id: str = "fleet-0",
         open_processes: int = 0,
+        requests_in_flight: int = MAX_REQUESTS_IN_FLIGHT,
     ) -> None:
         """`open_processes`: child processes that open sealed telemetry (0: in this process's ingest
-        thread). One worker process and its children use as many cores; so do that many workers."""
+        thread). One worker process and its children use as many cores; so do that many workers.
+        `requests_in_flight`: chunk and metadata requests answered at once."""
+        if requests_in_flight < 1:
+            raise ValueError("requests_in_flight must be at least 1")
         self.service = service
         self.host = host
         self.port = port
@@ -73,20 +219,30 @@ class FleetWorker:
         self._receipts: dict[str, tuple[list[int], list[int], list[int]]] = {}  # stored, refused, rekey
         self._client: aiomqtt.Client | None = None
         self.telemetry = IngestBatcher(service.telemetry_ingest, self._receipt_all, processes=open_processes)
+        self.reports = DeviceReports(service)
+        self.requests_in_flight = requests_in_flight
+        self.requests_peak = 0  # the most chunk/metadata answers in flight at once so far
+        self._requests = asyncio.Semaphore(requests_in_flight)
+        self._answering: set[asyncio.Task[None]] = set()
 
     async def publish(self, topic: str, payload: bytes, qos: int) -> None:
-        await asyncio.wait_for(self.connected.wait(), 30)
+        if not self.connected.is_set():  # wait_for costs a timer per call; a rollout makes thousands
+            await asyncio.wait_for(self.connected.wait(), 30)
         assert self._client is not None
         await self._client.publish(topic, payload, qos=qos)
 
     async def run(self) -> None:
-        helpers = [asyncio.create_task(self._receipt_loop()), asyncio.create_task(self.telemetry.run())]
+        helpers = [
+            asyncio.create_task(self._receipt_loop()),
+            asyncio.create_task(self.telemetry.run()),
+            asyncio.create_task(self.reports.run()),
+        ]
         try:
             await self._connect_loop()
         finally:
-            for task in helpers:
+            for task in [*helpers, *self._answering]:
                 task.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            await asyncio.gather(*helpers, *self._answering, return_exceptions=True)
 
     async def _receipt_loop(self) -> None:
         """Tell devices which records are stored, a few times a second, so their outboxes drain."""
@@ -183,42 +339,73 @@ class FleetWorker:
                 topics.TELEMETRY,
             ):
                 await client.subscribe(topics.shared(topics.all_devices(leaf)), qos=1)
+            if (
+                client.pending_calls_threshold
+                < self.requests_in_flight + RECEIPTS_IN_FLIGHT + OFFERS_IN_FLIGHT
+            ):
+                # aiomqtt warns past 10 pending calls; this many are by design, not a leak.
+                client.pending_calls_threshold = (
+                    self.requests_in_flight + RECEIPTS_IN_FLIGHT + OFFERS_IN_FLIGHT
+                )
             self.connected.set()
             log.info("fleet worker %s subscribed on %s:%d", self.worker_id, self.host, self.port)
             async for message in client.messages:
                 await self._handle(str(message.topic), bytes(message.payload))
 
     async def _handle(self, topic: str, payload: bytes) -> None:
+        """Route one message: answer a request in a task, queue a report, hand telemetry over."""
         try:
             device_id, leaf = topics.split_device_topic(topic)
             self.handled[leaf] += 1
-            if leaf == topics.STATE:
-                await self.service.on_device_state(
-                    device_id, self._own(device_id, decode(DeviceState, payload))
-                )
-            elif leaf == topics.HEALTH:
-                self.service.on_health(device_id, self._own(device_id, decode(Health, payload)))
-            elif leaf == topics.UPDATE_STATUS:
-                self.service.on_update_status(device_id, self._own(device_id, decode(UpdateStatus, payload)))
-            elif leaf == topics.TELEMETRY:
+            if leaf == topics.TELEMETRY:
                 # Receipted once its batch is committed (IngestBatcher -> _receipt_all).
                 self.telemetry.put(device_id, payload)
-            elif leaf == topics.CHUNK_REQUEST:
-                request = decode(ChunkRequest, payload)
-                frame = self.service.chunk_for(device_id, request)
-                if frame is not None:
-                    await self.publish(topics.device_topic(device_id, topics.CMD_CHUNK), frame, 1)
-            elif leaf == topics.METADATA_REQUEST:
-                name = decode(MetadataRequest, payload).name
-                data = await asyncio.to_thread(self.service.metadata_file, name) or b""
-                frame = encode_chunk(Chunk(update_id=name, offset=0, total=len(data), data=data))
-                await self.publish(topics.device_topic(device_id, topics.CMD_METADATA), frame, 1)
+            elif leaf in (topics.CHUNK_REQUEST, topics.METADATA_REQUEST):
+                await self._requests.acquire()  # bounded: a flood waits here, not in memory as tasks
+                task = asyncio.create_task(self._answer(device_id, leaf, payload))
+                self._answering.add(task)
+                task.add_done_callback(self._answered)
+                self.requests_peak = max(self.requests_peak, len(self._answering))
+            elif leaf == topics.STATE:
+                await self.reports.put(device_id, self._own(device_id, decode(DeviceState, payload)))
+            elif leaf == topics.HEALTH:
+                await self.reports.put(device_id, self._own(device_id, decode(Health, payload)))
+            elif leaf == topics.UPDATE_STATUS:
+                await self.reports.put(device_id, self._own(device_id, decode(UpdateStatus, payload)))
         except (ProtocolError, ValueError) as e:
             self.service.rejected_messages += 1
             log.warning("rejected message on %s: %s", topic, e)
-        except Exception:  # one bad message or a busy database must not stop ingest for every device
+        except Exception:  # one bad message must not stop ingest for every device
             self.service.rejected_messages += 1
             log.exception("error handling a message on %s", topic)
+
+    def _answered(self, task: "asyncio.Task[None]") -> None:
+        self._answering.discard(task)
+        self._requests.release()
+
+    async def _answer(self, device_id: str, leaf: str, payload: bytes) -> None:
+        """A chunk or a TUF metadata file for the device that asked. Both are read from files the
+        page cache holds (chunk_for remembers where an update's payload lies), so on the loop."""
+        try:
+            if leaf == topics.CHUNK_REQUEST:
+                frame = self.service.chunk_for(device_id, decode(ChunkRequest, payload))
+                if frame is None:
+                    return
+                answer = topics.CMD_CHUNK
+            else:
+                name = decode(MetadataRequest, payload).name
+                data = self.service.metadata_file(name) or b""
+                frame = encode_chunk(Chunk(update_id=name, offset=0, total=len(data), data=data))
+                answer = topics.CMD_METADATA
+            await self.publish(topics.device_topic(device_id, answer), frame, 1)
+        except (ProtocolError, ValueError) as e:
+            self.service.rejected_messages += 1
+            log.warning("rejected %s from %s: %s", leaf, device_id, e)
+        except (aiomqtt.MqttError, TimeoutError) as e:  # the device asks again after its timeout
+            log.info("answer to %s's %s not sent (%s)", device_id, leaf, e)
+        except Exception:
+            self.service.rejected_messages += 1
+            log.exception("error answering %s from %s", leaf, device_id)
 
     @staticmethod
     def _own(device_id: str, message: _Own) -> _Own:

@@ -12,6 +12,7 @@ only if no abort rule was broken. Abort rules are checked at every report, so a 
 campaign at once, not at the end of the phase.
 """
 
+import asyncio
 import hashlib
 import math
 import time
@@ -628,7 +629,21 @@ async def offer_next(
     back: each due device is asked to serve its previous version again from its other slot
     (`request_rollback`; a device never installs an older version as an update).
     Call it from one task per fleet (the tick loop): two concurrent calls would offer twice.
+    The database work runs in threads, so the caller's event loop keeps serving devices meanwhile.
     """
+    rolling_back, batches = await asyncio.to_thread(_due, sessions, campaign_id, now)
+    created: list[str] = []
+    for (name, version), device_ids in sorted(batches.items()):
+        views = await (request_rollback if rolling_back else start_update)(name, version, device_ids)
+        await asyncio.to_thread(_attach, sessions, campaign_id, rolling_back, views, now)
+        created.extend(view["update_id"] for view in views)
+    return created
+
+
+def _due(
+    sessions: sessionmaker[Session], campaign_id: str, now: float | None
+) -> tuple[bool, dict[tuple[str, int], list[str]]]:
+    """Whether the campaign rolls back, and the devices due per (model name, version) to send."""
     with sessions.begin() as s:
         campaign = _campaign(s, campaign_id)
         model = s.get(ModelVersion, campaign.model_version_id)
@@ -639,23 +654,26 @@ async def offer_next(
                 previous = s.get(ModelVersion, version_id)
                 assert previous is not None
                 batches.setdefault((previous.name, previous.version), []).append(device_id)
-            rolling_back = True
+            return True, batches
+        planned = [device_id for device_id, _ in plan_next(s, campaign_id, now)]
+        if planned:
+            batches[(model.name, model.version)] = planned
+        return False, batches
+
+
+def _attach(
+    sessions: sessionmaker[Session],
+    campaign_id: str,
+    rolling_back: bool,
+    views: list[dict[str, Any]],
+    now: float | None,
+) -> None:
+    with sessions.begin() as s:
+        if rolling_back:
+            for view in views:
+                _member(s, campaign_id, view["device_id"]).rollback_update_id = view["update_id"]
         else:
-            planned = [device_id for device_id, _ in plan_next(s, campaign_id, now)]
-            if planned:
-                batches[(model.name, model.version)] = planned
-            rolling_back = False
-    created: list[str] = []
-    for (name, version), device_ids in sorted(batches.items()):
-        views = await (request_rollback if rolling_back else start_update)(name, version, device_ids)
-        with sessions.begin() as s:
-            if rolling_back:
-                for view in views:
-                    _member(s, campaign_id, view["device_id"]).rollback_update_id = view["update_id"]
-            else:
-                attach_updates(s, campaign_id, {v["device_id"]: v["update_id"] for v in views}, now)
-        created.extend(view["update_id"] for view in views)
-    return created
+            attach_updates(s, campaign_id, {v["device_id"]: v["update_id"] for v in views}, now)
 
 
 def active_campaigns(session: Session) -> list[str]:

@@ -9,25 +9,28 @@ import functools
 import logging
 import shutil
 import tempfile
+import threading
 import time
 import uuid
-from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections import Counter, OrderedDict, deque
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, defer, sessionmaker
 
 from fleet import broker_auth, maintenance, rollouts
 from fleet.db import Device, ModelVersion, TelemetryRecordRow, Update, UpdateEvent
-from fleet.deltas import DeltaArtifact, delta_path, package_delta
+from fleet.deltas import BackgroundBuilds, DeltaArtifact, delta_path, package_delta
 from fleet.errors import Conflict, InvalidRequest, NotFound
 from fleet.field_tokens import FieldTokens
 from fleet.ingest import Arrival, TelemetryIngest
 from fleet.key_rotation import publish_keys_document
 from fleet.keyring import FleetKeyring
+from fleet.rollout_db import MaintenanceWindow
 from fleet.store import FleetDataDir
 from fleet.tuf_repository import TufRepository
 from models.errors import ModelError
@@ -60,6 +63,31 @@ CANCELLED = "cancelled"
 LOCAL_PREFIX = "local-"  # update ids the device made itself (its local API), reported like ours
 SWITCH_WINDOWS_AHEAD = 14  # windows per group an offer carries: two weeks of daily windows
 FINAL_STATES = {state.value for state in UpdateState if state.is_final} | {CANCELLED}
+# Offers awaiting their PUBACK at once: one at a time costs a broker round trip through a busy event
+# loop per device (47-64 s for 1,000 devices); all at once, aiomqtt bookkeeping that grows with them.
+OFFERS_IN_FLIGHT = 64
+# Updates whose payload location chunk_for keeps in memory (an update's offer never changes).
+CHUNK_SOURCES_CACHED = 4096
+IN_CHUNK = 500  # ids per IN (...) list: under SQLite's bound-parameter limit on old builds
+
+
+@dataclass(frozen=True)
+class _ChunkSource:
+    """Where one update's payloads lie: what chunk_for needs, so a chunk costs no database query."""
+
+    device_id: str
+    package: Path
+    package_size: int
+    delta: Path | None
+    delta_size: int
+
+
+Report = tuple[str, DeviceState | Health | UpdateStatus]  # (the topic's device id, what it sent)
+
+
+def _chunks(items: list[str], size: int = IN_CHUNK) -> Iterator[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
 
 
 def _is_ed25519_pem(pem: str) -> bool:
@@ -97,6 +125,13 @@ class FleetService:
         self.rejected_messages = 0
         self._fleet_password_hash: str | None = None
         self.clock: Callable[[], float] = time.time  # the fleet's clock for campaigns (tests set it)
+        # Deltas built ahead of rollouts: on registration and when a device reports an older version.
+        self.delta_builds = BackgroundBuilds()
+        self._delta_publish_lock = threading.Lock()  # one TUF listing per delta, whoever built it
+        self._latest: dict[str, int] | None = None  # model name -> newest registered version
+        self._latest_lock = threading.Lock()
+        self._chunk_sources: OrderedDict[str, _ChunkSource] = OrderedDict()
+        self._chunk_sources_lock = threading.Lock()
 
     @property
     def telemetry_key(self) -> TelemetryPrivateKey:
@@ -231,7 +266,9 @@ class FleetService:
                     "manifest_sha256": manifest_digest,
                 },
             )
-            return self._model_view(row)
+            view = self._model_view(row)
+        self._registered(manifest.name, manifest.version)
+        return view
 
     def list_models(self) -> list[dict[str, Any]]:
         with self.sessions() as s:
@@ -252,25 +289,50 @@ class FleetService:
     async def start_update(
         self, model_name: str, version: int, device_ids: list[str]
     ) -> list[dict[str, Any]]:
-        """Sign an offer of `model_name` v`version` for each device and publish it."""
+        """Sign an offer of `model_name` v`version` for each device and publish it.
+
+        The database work runs in a thread and the offers go out OFFERS_IN_FLIGHT at a time, so the
+        event loop keeps answering the devices' chunk requests while a large rollout starts.
+        """
         if not device_ids:
             raise InvalidRequest("name at least one device")
-        with self.sessions() as s:
-            model = s.scalars(
-                select(ModelVersion).where(ModelVersion.name == model_name, ModelVersion.version == version)
-            ).first()
-            if model is None:
-                raise NotFound(f"model {model_name} v{version} is not registered; push it first")
-            bases: dict[str, ModelVersion | None] = {}
-            for device_id in device_ids:
-                device = s.get(Device, device_id)
-                if device is None:
-                    raise NotFound(f"no device {device_id!r}")
-                bases[device_id] = self._delta_base(s, device, model)
-            s.expunge_all()
+        model, bases = await asyncio.to_thread(self._plan_update, model_name, version, device_ids)
         deltas: dict[int, DeltaPayload | None] = {}
         for base_version, base_row in {b.version: b for b in bases.values() if b is not None}.items():
             deltas[base_version] = await asyncio.to_thread(self._delta_payload, base_row, model)
+        created = await asyncio.to_thread(self._create_updates, model, bases, deltas)
+        await self._send_offers(created)
+        return await asyncio.to_thread(self._update_views, [u.id for u in created])
+
+    def _plan_update(
+        self, model_name: str, version: int, device_ids: list[str]
+    ) -> tuple[ModelVersion, dict[str, ModelVersion | None]]:
+        """The model version to offer, and per device the registered version to build a delta from."""
+        with self.sessions() as s:
+            versions = {
+                m.version: m for m in s.scalars(select(ModelVersion).where(ModelVersion.name == model_name))
+            }
+            model = versions.get(version)
+            if model is None:
+                raise NotFound(f"model {model_name} v{version} is not registered; push it first")
+            devices: dict[str, Device] = {}
+            for chunk in _chunks(sorted(set(device_ids))):
+                devices.update((d.id, d) for d in s.scalars(select(Device).where(Device.id.in_(chunk))))
+            bases: dict[str, ModelVersion | None] = {}
+            for device_id in device_ids:
+                device = devices.get(device_id)
+                if device is None:
+                    raise NotFound(f"no device {device_id!r}")
+                bases[device_id] = self._delta_base(device, model, versions)
+            s.expunge_all()
+        return model, bases
+
+    def _create_updates(
+        self,
+        model: ModelVersion,
+        bases: dict[str, ModelVersion | None],
+        deltas: dict[int, DeltaPayload | None],
+    ) -> list[Update]:
         created = []
         with self.sessions.begin() as s:
             for device_id, base in bases.items():
@@ -281,21 +343,75 @@ class FleetService:
                 update.offer = self._offer(update.id, model, delta).model_dump(mode="json")
                 s.add(update)
                 created.append(update)
-        for update in created:
-            await self._send_offer(update)
+        return created
+
+    def _update_views(self, update_ids: list[str]) -> list[dict[str, Any]]:
+        """The views of these updates, in this order (one query per IN_CHUNK ids, not one per update)."""
         with self.sessions() as s:
-            return [self._update_view(s, s.get(Update, u.id)) for u in created]  # type: ignore[arg-type]
+            rows: dict[str, Update] = {}
+            for chunk in _chunks(update_ids):
+                rows.update((u.id, u) for u in s.scalars(select(Update).where(Update.id.in_(chunk))))
+            return [self._update_view(s, rows[u]) for u in update_ids]
 
     @staticmethod
-    def _delta_base(s: Session, device: Device, model: ModelVersion) -> ModelVersion | None:
+    def _delta_base(
+        device: Device, model: ModelVersion, versions: dict[int, ModelVersion]
+    ) -> ModelVersion | None:
         """The registered version this device last reported running, when a delta from it makes sense."""
-        reported = (device.last_health or {}).get("models", [])
-        running = next((m.get("version") for m in reported if m.get("name") == model.name), None)
-        if not isinstance(running, int) or running >= model.version:
+        running = FleetService._running_version(device.last_health, model.name)
+        if running is None or running >= model.version:
             return None
-        return s.scalars(
-            select(ModelVersion).where(ModelVersion.name == model.name, ModelVersion.version == running)
-        ).first()
+        return versions.get(running)
+
+    @staticmethod
+    def _running_version(health: dict[str, Any] | None, model_name: str) -> int | None:
+        reported = (health or {}).get("models", [])
+        running = next((m.get("version") for m in reported if m.get("name") == model_name), None)
+        return running if isinstance(running, int) else None
+
+    # -- deltas built ahead of rollouts -------------------------------------------------------
+    def _registered(self, model_name: str, version: int) -> None:
+        """A new version is in the registry: build deltas to it from the versions devices run."""
+        with self._latest_lock:
+            if self._latest is not None and version > self._latest.get(model_name, 0):
+                self._latest[model_name] = version
+        with self.sessions() as s:
+            health = s.scalars(select(Device.last_health).where(Device.last_health.is_not(None)))
+            running = {self._running_version(h, model_name) for h in health}
+        self._prebuild_deltas((model_name, v) for v in running if v is not None)
+
+    def _latest_versions(self) -> dict[str, int]:
+        with self._latest_lock:
+            if self._latest is None:
+                with self.sessions() as s:
+                    rows = s.execute(
+                        select(ModelVersion.name, func.max(ModelVersion.version)).group_by(ModelVersion.name)
+                    ).all()
+                self._latest = {name: int(version) for name, version in rows}
+            return self._latest
+
+    def _prebuild_deltas(self, running: Iterable[tuple[str, int]]) -> None:
+        """Queue a delta from each (model, version) devices run to that model's newest version."""
+        latest = self._latest_versions()
+        for name, version in running:
+            newest = latest.get(name)
+            if newest is not None and version < newest:
+                key = (name, version, newest)
+                self.delta_builds.schedule(key, functools.partial(self._prebuild_delta, *key))
+
+    def _prebuild_delta(self, model_name: str, base_version: int, version: int) -> None:
+        with self.sessions() as s:
+            rows = {
+                m.version: m
+                for m in s.scalars(
+                    select(ModelVersion).where(
+                        ModelVersion.name == model_name, ModelVersion.version.in_((base_version, version))
+                    )
+                )
+            }
+            s.expunge_all()
+        if base_version in rows and version in rows:  # a version devices run that was never registered: none
+            self._delta_payload(rows[base_version], rows[version])
 
     def _delta_payload(self, base: ModelVersion, model: ModelVersion) -> DeltaPayload | None:
         """The package delta from `base` to `model`, or None when it would not save bytes or fails."""
@@ -325,9 +441,13 @@ class FleetService:
     def _publish_delta(self, model: ModelVersion, artifact: DeltaArtifact) -> None:
         """List the delta in TUF (once): a device uses only payloads the signed targets name."""
         name = delta_target_name(model.name, artifact.base_version, model.version)
-        listed = self.tuf.target(name)
-        if listed is not None and listed.hashes.get("sha256") == artifact.sha256:
-            return
+        with self._delta_publish_lock:  # a build ahead of time and a rollout may finish together
+            listed = self.tuf.target(name)
+            if listed is not None and listed.hashes.get("sha256") == artifact.sha256:
+                return
+            self._list_delta(model, artifact)
+
+    def _list_delta(self, model: ModelVersion, artifact: DeltaArtifact) -> None:
         self.tuf.add_target(
             Path(model.path),
             archive_target_name(model.name, model.version),
@@ -396,12 +516,36 @@ class FleetService:
                 )
                 s.add(update)
                 created.append(update)
-        for update in created:
-            await self._send_offer(update)
-        with self.sessions() as s:
-            return [self._update_view(s, s.get(Update, u.id)) for u in created]  # type: ignore[arg-type]
+        await self._send_offers(created)
+        return await asyncio.to_thread(self._update_views, [u.id for u in created])
 
-    async def _send_offer(self, update: Update) -> None:
+    async def _send_offers(self, updates: list[Update]) -> None:
+        """Publish these offers and rollback commands, OFFERS_IN_FLIGHT at a time.
+
+        After the first that fails, no more are sent (they stay pending and go out again when their
+        device next comes online) and that error is raised once those in flight have ended.
+        """
+        if self.publish is None or not updates:
+            return
+        offered = [u.device_id for u in updates if "update" in u.offer]
+        windows = await asyncio.to_thread(self._switch_windows_of, offered) if offered else {}
+        queue = deque(updates)
+        errors: list[Exception] = []
+
+        async def sender() -> None:
+            while queue and not errors:
+                try:
+                    await self._send_offer(queue.popleft(), windows)
+                except Exception as e:
+                    errors.append(e)
+
+        await asyncio.gather(*(sender() for _ in range(min(OFFERS_IN_FLIGHT, len(updates)))))
+        if errors:
+            raise errors[0]
+
+    async def _send_offer(
+        self, update: Update, windows: dict[str, list[tuple[float, float]]] | None = None
+    ) -> None:
         if self.publish is None:
             return
         if "local" in update.offer:
@@ -412,15 +556,31 @@ class FleetService:
             return
         offer = UpdateOffer.model_validate(update.offer)
         # Windows are computed at each send: an offer re-sent after days offline carries current ones.
-        offer = offer.model_copy(update={"switch_windows": self.switch_windows(update.device_id)})
+        spans = (
+            windows.get(update.device_id, [])
+            if windows is not None
+            else self.switch_windows(update.device_id)
+        )
+        offer = offer.model_copy(update={"switch_windows": spans})
         topic = topics.device_topic(update.device_id, topics.CMD_UPDATE)
         await self.publish(topic, encode(offer), 1)
 
     def switch_windows(self, device_id: str) -> list[tuple[float, float]]:
         """When the device may switch models: its groups' next maintenance windows; [] = any time."""
+        return self._switch_windows_of([device_id]).get(device_id, [])
+
+    def _switch_windows_of(self, device_ids: list[str]) -> dict[str, list[tuple[float, float]]]:
+        """`switch_windows` of many devices in one session; devices left out may switch any time."""
         with self.sessions() as s:
-            spans = maintenance.upcoming_windows(s, device_id, self.clock(), count=SWITCH_WINDOWS_AHEAD)
-        return spans or []
+            if s.scalars(select(MaintenanceWindow.id).limit(1)).first() is None:
+                return {}  # no window in the fleet: no query per device
+            now = self.clock()
+            out = {}
+            for device_id in device_ids:
+                spans = maintenance.upcoming_windows(s, device_id, now, count=SWITCH_WINDOWS_AHEAD)
+                if spans:
+                    out[device_id] = spans
+            return out
 
     def get_update(self, update_id: str) -> dict[str, Any]:
         with self.sessions() as s:
@@ -461,72 +621,135 @@ class FleetService:
 
     # -- ingest -------------------------------------------------------------------------------
     async def on_device_state(self, device_id: str, state: DeviceState) -> None:
-        with self.sessions.begin() as s:
-            device = s.get(Device, device_id)
-            if device is None:
-                return
-            device.online = state.online
-            device.last_seen = time.time()
-            device.agent_version = state.agent_version
-            if state.public_key and device.public_key is None and _is_ed25519_pem(state.public_key):
-                device.public_key = state.public_key  # pinned: a later, different key is not accepted
-            elif state.public_key and state.public_key != device.public_key:
-                log.warning("device %s presented a different public key; keeping the pinned one", device_id)
-            open_updates = list(
-                s.scalars(
-                    select(Update).where(Update.device_id == device_id, Update.state.not_in(FINAL_STATES))
-                )
-            )
-        if state.online:
-            # Offers made while the device was away, and updates whose end it may not have reported:
-            # the device starts a new offer, or re-reports what its journal says about an old one.
-            for update in open_updates:
-                await self._send_offer(update)
+        await self._send_offers(self.record_device_state(device_id, state))
+
+    async def resend_offers(self, updates: list[Update]) -> None:
+        """Send again what `record_reports` returned (the MQTT worker records in a thread)."""
+        await self._send_offers(updates)
+
+    def record_device_state(self, device_id: str, state: DeviceState) -> list[Update]:
+        """Record a device's online state; the open updates to send it again when it came online."""
+        return self.record_reports([(device_id, state)])
 
     def on_health(self, device_id: str, health: Health) -> None:
-        with self.sessions.begin() as s:
-            device = s.get(Device, device_id)
-            if device is None:
-                return
-            device.last_seen = time.time()
-            if health.seq > device.health_seq or health.seq == 0:
-                device.health_seq = health.seq
-                device.last_health = health.model_dump(mode="json")
+        self.record_reports([(device_id, health)])
+
+    def on_healths(self, reports: list[tuple[str, Health]]) -> None:
+        self.record_reports(list(reports))
 
     def on_update_status(self, device_id: str, status: UpdateStatus) -> None:
         """Record a device's report on its own update; the update's state stops moving once final."""
+        self.record_reports([(device_id, status)])
+
+    def record_reports(self, reports: list[Report]) -> list[Update]:
+        """Record device reports (state, health, update statuses) in this order, in one transaction.
+
+        Returns the open updates of devices that came online, to send them again. One transaction
+        for many: at 1,000 devices a session and a commit per report cost the fleet more than the
+        reports themselves (bench/updates). If it fails, nothing of it is kept; the caller can record
+        the reports one by one to keep all but the bad one.
+        """
+        running: set[tuple[str, int]] = set()
+        resend: dict[str, list[Update]] = {}
         with self.sessions.begin() as s:
-            update = s.get(Update, status.update_id)
-            if update is None and status.update_id.startswith(LOCAL_PREFIX):
-                update = self._local_action(s, device_id, status)
-            # Only refusals of offers that could not even be parsed carry no update of their own.
-            not_its_own = update is None or update.device_id != device_id
-            if not_its_own and status.update_id != "invalid-offer":
-                log.warning("%s reported on update %s, which is not its own", device_id, status.update_id)
-                return
-            s.add(
-                UpdateEvent(
-                    update_id=status.update_id,
-                    device_id=device_id,
-                    state=status.state.value,
-                    reason=status.reason[:2048],
-                    ts=status.ts,
-                    detail=status.detail,
-                )
+            preloaded = self._preload(s, reports)
+            now = time.time()
+            for device_id, message in reports:
+                if isinstance(message, UpdateStatus):
+                    self._record_status(s, device_id, message)
+                elif isinstance(message, Health):
+                    if self._record_health(s, device_id, message, now):
+                        running.update((m.name, m.version) for m in message.models)
+                else:
+                    came_online = self._record_state(s, device_id, message)
+                    resend.pop(device_id, None)
+                    if came_online:
+                        # Offers made while the device was away, and updates whose end it may not
+                        # have reported: it starts a new offer or re-reports what its journal says.
+                        query = select(Update).where(
+                            Update.device_id == device_id, Update.state.not_in(FINAL_STATES)
+                        )
+                        resend[device_id] = list(s.scalars(query))
+                        for update in resend[device_id]:
+                            update.offer  # noqa: B018 (loaded now: _send_offer reads it after the session)
+            del preloaded
+        self._prebuild_deltas(running)
+        return [update for updates in resend.values() for update in updates]
+
+    @staticmethod
+    def _preload(s: Session, reports: list[Report]) -> list[Device | Update]:
+        """The devices and updates these reports name, in one query per IN_CHUNK, so s.get finds them
+        in the session instead of asking the database once per report. The caller holds the list:
+        the session keeps unchanged rows only while something else refers to them. The JSON columns
+        no report reads (a device's last health, an update's offer) load only if something asks."""
+        device_ids = sorted({device_id for device_id, _ in reports})
+        update_ids = sorted({m.update_id for _, m in reports if isinstance(m, UpdateStatus)})
+        rows: list[Device | Update] = []
+        for chunk in _chunks(device_ids):
+            rows += s.scalars(select(Device).where(Device.id.in_(chunk)).options(defer(Device.last_health)))
+        for chunk in _chunks(update_ids):
+            rows += s.scalars(select(Update).where(Update.id.in_(chunk)).options(defer(Update.offer)))
+        return rows
+
+    @staticmethod
+    def _record_state(s: Session, device_id: str, state: DeviceState) -> bool:
+        """True when a known device says it is online."""
+        device = s.get(Device, device_id)
+        if device is None:
+            return False
+        device.online = state.online
+        device.last_seen = time.time()
+        device.agent_version = state.agent_version
+        if state.public_key and device.public_key is None and _is_ed25519_pem(state.public_key):
+            device.public_key = state.public_key  # pinned: a later, different key is not accepted
+        elif state.public_key and state.public_key != device.public_key:
+            log.warning("device %s presented a different public key; keeping the pinned one", device_id)
+        return state.online
+
+    @staticmethod
+    def _record_health(s: Session, device_id: str, health: Health, now: float) -> bool:
+        """True when the device is known."""
+        device = s.get(Device, device_id)
+        if device is None:
+            return False
+        device.last_seen = now
+        if health.seq > device.health_seq or health.seq == 0:
+            device.health_seq = health.seq
+            device.last_health = health.model_dump(mode="json")
+        return True
+
+    def _record_status(self, s: Session, device_id: str, status: UpdateStatus) -> None:
+        update = s.get(Update, status.update_id)
+        if update is None and status.update_id.startswith(LOCAL_PREFIX):
+            update = self._local_action(s, device_id, status)
+        # Only refusals of offers that could not even be parsed carry no update of their own.
+        not_its_own = update is None or update.device_id != device_id
+        if not_its_own and status.update_id != "invalid-offer":
+            log.warning("%s reported on update %s, which is not its own", device_id, status.update_id)
+            return
+        s.add(
+            UpdateEvent(
+                update_id=status.update_id,
+                device_id=device_id,
+                state=status.state.value,
+                reason=status.reason[:2048],
+                ts=status.ts,
+                detail=status.detail,
             )
-            if update is None or update.device_id != device_id or update.state in FINAL_STATES:
-                return
-            update.state = status.state.value
-            update.reason = status.reason[:2048]
-            update.updated = time.time()
-            # Campaigns act on final states and shadow figures only; the steps between cost 4 ms each
-            # of bookkeeping at 1,000 devices for nothing (bench/updates).
-            if status.state.is_final or rollouts.SHADOW_KEY in status.detail:
-                s.flush()
-                # In the same transaction: a campaign's abort rule sees every report exactly once.
-                rollouts.record_update_report(
-                    s, status.update_id, device_id, status.state.value, status.detail, now=self.clock()
-                )
+        )
+        if update is None or update.device_id != device_id or update.state in FINAL_STATES:
+            return
+        update.state = status.state.value
+        update.reason = status.reason[:2048]
+        update.updated = time.time()
+        # Campaigns act on final states and shadow figures only; the steps between cost 4 ms each
+        # of bookkeeping at 1,000 devices for nothing (bench/updates).
+        if status.state.is_final or rollouts.SHADOW_KEY in status.detail:
+            s.flush()
+            # In the same transaction: a campaign's abort rule sees every report exactly once.
+            rollouts.record_update_report(
+                s, status.update_id, device_id, status.state.value, status.detail, now=self.clock()
+            )
 
     @staticmethod
     def _local_action(s: Session, device_id: str, status: UpdateStatus) -> Update | None:
@@ -612,23 +835,48 @@ class FleetService:
 
     def chunk_for(self, device_id: str, request: ChunkRequest) -> bytes | None:
         """The frame answering a chunk request, read from the artifact; None for a request not allowed."""
-        with self.sessions() as s:
-            update = s.get(Update, request.update_id)
-            if update is None or update.device_id != device_id or "update" not in update.offer:
-                return None
-            model = s.get(ModelVersion, update.model_version_id)
-            assert model is not None
-            delta = update.offer.get("update", {}).get("delta")
+        source = self._chunk_source(request.update_id)
+        if source is None or source.device_id != device_id:
+            return None
         if request.payload == "delta":
-            if not delta:
+            if source.delta is None:
                 return None
-            path = delta_path(self.data.artifacts, model.name, delta["base_version"], model.version)
-            total = int(delta["size"])
+            path, total = source.delta, source.delta_size
         else:
-            path, total = Path(model.path), model.size
+            path, total = source.package, source.package_size
         if request.offset >= total:
             return None
         with open(path, "rb") as f:
             f.seek(request.offset)
             data = f.read(min(request.length, total - request.offset))
         return encode_chunk(Chunk(update_id=request.update_id, offset=request.offset, total=total, data=data))
+
+    def _chunk_source(self, update_id: str) -> _ChunkSource | None:
+        """Where an update's payloads lie, from the database once and then from memory (a rollout of
+        1,000 devices asks 9,000 times): an update's offer and model version never change."""
+        with self._chunk_sources_lock:
+            source = self._chunk_sources.get(update_id)
+            if source is not None:
+                self._chunk_sources.move_to_end(update_id)
+                return source
+        with self.sessions() as s:
+            update = s.get(Update, update_id)
+            if update is None or "update" not in update.offer:
+                return None  # not remembered: an unknown id costs the asker a query, not us memory
+            model = s.get(ModelVersion, update.model_version_id)
+            assert model is not None
+            delta = update.offer["update"].get("delta")
+            source = _ChunkSource(
+                device_id=update.device_id,
+                package=Path(model.path),
+                package_size=model.size,
+                delta=delta_path(self.data.artifacts, model.name, delta["base_version"], model.version)
+                if delta
+                else None,
+                delta_size=int(delta["size"]) if delta else 0,
+            )
+        with self._chunk_sources_lock:
+            self._chunk_sources[update_id] = source
+            while len(self._chunk_sources) > CHUNK_SOURCES_CACHED:
+                self._chunk_sources.popitem(last=False)
+        return source

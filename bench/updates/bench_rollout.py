@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -51,6 +52,24 @@ SAMPLE_EVERY_S = 0.1
 MIB = 1024 * 1024
 IDLE_WINDOW_S = 10.0
 BYTE_FIGURES = ("payload_bytes", "frame_bytes", "metadata_bytes", "metadata_files", "offer_bytes", "chunks")
+ROOT = HERE.parent.parent
+# The fleet code a run measured: its hash goes into each run, so report.py keeps runs of different
+# fleets apart (the rows before issue #5's worker changes have none).
+MEASURED = (
+    "fleet/mqtt_worker.py",
+    "fleet/service.py",
+    "fleet/campaigns.py",
+    "fleet/rollouts.py",
+    "fleet/deltas.py",
+    "fleet/ingest.py",
+)
+
+
+def fleet_code() -> str:
+    digest = hashlib.sha256()
+    for name in MEASURED:
+        digest.update(name.encode() + b"\0" + (ROOT / name).read_bytes())
+    return digest.hexdigest()[:12]
 
 
 class BenchFailed(RuntimeError):
@@ -263,11 +282,15 @@ def _all_reporting(client: FleetClient, count: int, with_version: bool) -> bool:
     return len(ready) >= count
 
 
-def _py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
-    """Sample the fleet server's stacks (collapsed format) until interrupted; needs py-spy installed."""
+def _py_spy(pid: int, out: Path, gil: bool = False) -> subprocess.Popen[bytes]:
+    """Sample the fleet server's stacks (collapsed format) until interrupted; needs py-spy installed.
+
+    `gil`: only the thread holding the GIL, so the samples say where the process's CPU goes (without
+    it, a thread waiting for the GIL is sampled as if it ran)."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     out.parent.mkdir(parents=True, exist_ok=True)
     args = [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "100", "--output", str(out)]
+    args += ["--gil"] if gil else []
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -319,7 +342,12 @@ def _diff(after: dict[str, float], before: dict[str, float], per: float = 1.0) -
 
 
 def run_once(
-    spec: RunSpec, archives: dict[int, Path], base_sha: str, scratch: Path, profile: Path | None = None
+    spec: RunSpec,
+    archives: dict[int, Path],
+    base_sha: str,
+    scratch: Path,
+    profile: Path | None = None,
+    profile_gil: bool = False,
 ) -> dict[str, Any]:
     """One rollout on a fresh fleet; the figures, or `ok: false` with the devices' outcomes."""
     whatif = "-whatif" if spec.whatif else ""
@@ -332,7 +360,12 @@ def run_once(
     fleet = (WhatIfFleet if spec.whatif else FleetProcess)(workdir / "fleet", broker_tls=False)
     sampler: Sampler | None = None
     sims: SimProcesses | None = None
-    run: dict[str, Any] = {**asdict(spec), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    run: dict[str, Any] = {
+        **asdict(spec),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "fleet_code": fleet_code(),
+        "nice": os.nice(0),
+    }
     try:
         fleet.start(timeout=60)
         token = (fleet.root / "secrets" / "operator-token").read_text().strip()
@@ -366,7 +399,11 @@ def run_once(
         time.sleep(IDLE_WINDOW_S)
         run["idle_cpu_per_s"] = _diff(watched.cpu(), before, IDLE_WINDOW_S)
         run["loadavg_start"] = os.getloadavg()
-        spy = _py_spy(sampler.fleet.pid, profile / f"{workdir.name}-fleet.txt") if profile else None
+        spy = (
+            _py_spy(sampler.fleet.pid, profile / f"{workdir.name}-fleet.txt", profile_gil)
+            if profile
+            else None
+        )
         before = watched.cpu()
         sampler.in_window = True
         t0 = time.time()
@@ -499,6 +536,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     parser.add_argument("--profile", type=Path, help="folder for py-spy profiles of the fleet server")
     parser.add_argument(
+        "--profile-gil", action="store_true", help="profile only the thread holding the GIL (where CPU goes)"
+    )
+    parser.add_argument(
         "--scratch", type=Path, default=Path(tempfile.gettempdir()) / "edgefleet-bench-updates"
     )
     args = parser.parse_args()
@@ -524,7 +564,7 @@ def main() -> None:
             f"[bench] {spec.devices} devices, {spec.mode}, {spec.phases} phase(s), run {spec.repeat}",
             flush=True,
         )
-        run = run_once(spec, archives, base_sha, args.scratch, args.profile)
+        run = run_once(spec, archives, base_sha, args.scratch, args.profile, args.profile_gil)
         print(f"[bench]   {_one_line(run)}", flush=True)
         runs.append(run)
         args.out.write_text(json.dumps({"runs": runs}, indent=1) + "\n")

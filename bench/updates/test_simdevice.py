@@ -86,6 +86,11 @@ def test_rollout_commits_with_the_delta_or_the_whole_package(
                 [{"name": "all", "percent": 100}],
             )
             await _until(lambda: on_v1.result.state == unknown.result.state == "committed", 60)
+
+            def recorded() -> bool:  # the fleet records statuses on its own thread, a moment later
+                return {u["state"] for u in client.updates()} == {"committed"}
+
+            await _until(recorded, 30)
         finally:
             for task in tasks:
                 task.cancel()

@@ -1,6 +1,10 @@
 """An experiment, not the fleet's code: `fleet serve` with three changes to its MQTT worker, applied at
 run time, to measure what they would buy (`bench_rollout.py --whatif`, `fleet_costs.py --whatif`).
 
+Kept for the record of its results (RESULTS.md, the rows marked what-if): the fleet has done all three
+itself since issue #5 (`fleet/mqtt_worker.py`: concurrent answers, `DeviceReports`), so patching the
+worker of today would measure nothing; `concurrent_worker()` refuses to.
+
 1. Chunk and metadata requests are answered concurrently (up to MAX_IN_FLIGHT at once). The worker
    otherwise handles one message at a time and awaits the broker's PUBACK of each answer before it
    reads the next message.
@@ -55,6 +59,11 @@ def skip_unchanging_reports() -> None:
 
 def concurrent_worker() -> None:
     """Changes 1 and 2, on FleetWorker."""
+    if hasattr(FleetWorker, "_answer"):
+        raise SystemExit(
+            "whatif_fleet.py: this fleet's worker already answers requests concurrently and records "
+            "reports on a thread (issue #5); run bench_rollout.py without --whatif"
+        )
     handle: Callable[[FleetWorker, str, bytes], Awaitable[None]] = FleetWorker._handle
     requests = (topics.CHUNK_REQUEST, topics.METADATA_REQUEST)
     state: dict[int, tuple[asyncio.Semaphore, asyncio.Queue[tuple[str, bytes]], set[asyncio.Task[None]]]] = {}
