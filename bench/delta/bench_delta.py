@@ -53,6 +53,10 @@ class Pair:
     new: str
     goal: str
     time_encode: bool = False  # our encode timed --runs times (a goal); else once, like the others
+    model: bool = True  # an ONNX model: bench/delta/floor.py estimates its floor (else none is shown)
+
+
+ZOO = ROOT / "models" / "zoo" / "surface_defect"
 
 
 PAIRS = [
@@ -94,6 +98,32 @@ PAIRS = [
     ),
     Pair("unrelated-to-minilm", "unrelated: CNN -> MiniLM", "cnn_v2.onnx", "minilm_v1.onnx", "<= 84%"),
     Pair("unrelated-to-cnn", "unrelated: MiniLM -> CNN", "minilm_v1.onnx", "cnn_v2.onnx", "<= 84%"),
+    # Not ONNX (issue #4: "for any other file ... a generic binary delta, chosen by size"); the
+    # last two are built by bench/delta/build_binaries.py.
+    Pair(
+        "tflite",
+        "sample CNN .tflite retrained (surface_defect tflite-v1 -> v2)",
+        str(ZOO / "tflite-v1" / "model.tflite"),
+        str(ZOO / "tflite-v2" / "model.tflite"),
+        "< generic",
+        model=False,
+    ),
+    Pair(
+        "tvm-engine",
+        "sample CNN compiled by TVM, retrained (v1 -> v2 library)",
+        "tvm_v1.so",
+        "tvm_v2.so",
+        "< generic",
+        model=False,
+    ),
+    Pair(
+        "numpy-lib",
+        "native library update (numpy 2.4.5 -> 2.4.6 _multiarray_umath.so)",
+        "numpy-2.4.5/_multiarray_umath.so",
+        "numpy-2.4.6/_multiarray_umath.so",
+        "(bsdiff's case)",
+        model=False,
+    ),
 ]
 
 
@@ -230,7 +260,7 @@ def bench_pair(
             }
         )
         print(f"  {tool}: {rows[-1]['delta_pct']:.2f}%", flush=True)
-    floor = entropy_floor(old, new)
+    floor = entropy_floor(old, new) if pair.model else None
     return {
         "pair": pair.key,
         "label": pair.label,
@@ -275,11 +305,13 @@ def floors(results: list[dict[str, object]]) -> str:
     ]
     for res in results:
         rows, floor = res["rows"], res["floor"]
-        assert isinstance(rows, list) and isinstance(floor, dict)
+        assert isinstance(rows, list) and (floor is None or isinstance(floor, dict))
         best = min((r["delta_pct"] for r in rows[1:]), default=float("nan"))
+        # no floor for files that are not models: their bytes have no tensors to estimate
+        order0, ctx = (_pct(floor["order0_pct"]), _pct(floor["context_pct"])) if floor else ("-", "-")
         lines.append(
             f"| {res['label']} | {res['goal']} | {_pct(rows[0]['delta_pct'])} | {_pct(best)} "
-            f"| {_pct(floor['order0_pct'])} | {_pct(floor['context_pct'])} |"
+            f"| {order0} | {ctx} |"
         )
     return "\n".join(lines)
 
@@ -316,7 +348,10 @@ def main() -> None:
     chosen = [p for p in PAIRS if p.key in args.pairs.split(",")]
     missing = [p.new for p in chosen if not (args.corpus / p.new).exists()]
     if missing:
-        raise SystemExit(f"{missing} not in {args.corpus}: build it with bench/delta/build_corpus.py first")
+        raise SystemExit(
+            f"{missing} not in {args.corpus}: build it with bench/delta/build_corpus.py"
+            " (models) and bench/delta/build_binaries.py (other files) first"
+        )
     results = []
     niceness = os.nice(0)
     prefix = f"nice -n {niceness} " if niceness else ""
@@ -402,7 +437,8 @@ def report(results: list[dict[str, Any]], command: str, runs: int) -> str:
         "",
         f"{_made_by(results, command)} on {os.cpu_count()} shared cores, after",
         "`nice -n 10 /tmp/delta-corpus-venv/bin/python bench/delta/build_corpus.py` built the corpus",
-        "(see its docstring). Sizes are exact; times are medians of "
+        "and `nice -n 10 .venv/bin/python bench/delta/build_binaries.py` its non-model pairs",
+        "(see their docstrings). Sizes are exact; times are medians of "
         f"{runs} runs (¹: one encode; sizes do not vary). Apply CPU = user + sys of the whole apply",
         "process, Python start-up and imports included; peak RSS = that process's ru_maxrss. Every",
         "apply was checked byte for byte.",

@@ -17,6 +17,7 @@ from typing import IO, BinaryIO, cast
 
 import zstandard
 
+from models.delta import bsdiff
 from models.delta.errors import DeltaError
 from models.delta.format import (
     BASED,
@@ -114,6 +115,8 @@ def _records(r: Reader, header: Header, on_range: Callable[[int, int], None]) ->
             continue
         if rec.length > header.limits.max_segment_bytes:
             raise DeltaError(f"delta corrupt: a {rec.length}-byte record exceeds its declared limit")
+        if rec.op is Op.BSDIFF:
+            _check_bsdiff(rec, header, index)
         out += rec.length
         if out > header.target.size:
             raise DeltaError("delta corrupt: its records produce more than the declared target size")
@@ -121,7 +124,9 @@ def _records(r: Reader, header: Header, on_range: Callable[[int, int], None]) ->
             gaps += rec.length
             if not seen_stream or gaps > header.gap_bytes:
                 raise DeltaError("delta corrupt: a gap record reads past the gap stream")
-        elif (rec.op is Op.COPY or rec.transform in BASED) and rec.old_offset + rec.length > header.base.size:
+        elif (rec.op is Op.COPY or (rec.op is Op.TENSOR and rec.transform in BASED)) and (
+            rec.old_offset + rec.length > header.base.size
+        ):
             raise DeltaError("delta corrupt: a record reads past the end of the base")
         if rec.op is Op.TENSOR:
             if rec.length % rec.width:
@@ -135,6 +140,27 @@ def _records(r: Reader, header: Header, on_range: Callable[[int, int], None]) ->
         raise DeltaError("delta truncated: its records do not add up to the declared sizes")
 
 
+def _check_bsdiff(rec: Record, header: Header, index: int) -> None:
+    """A BSDIFF record holds base, target and control in memory: refuse it before anything is read
+    unless it is the delta's only record and each of them is within the declared segment limit."""
+    limit = header.limits.max_segment_bytes
+    if index != 0 or header.records != 1 or header.dict_bytes or header.gap_bytes:
+        raise DeltaError("delta corrupt: a bsdiff record must be the delta's only record")
+    if header.base.size > limit:
+        raise DeltaError(
+            f"delta corrupt: its bsdiff record needs the whole {header.base.size}-byte base in memory,"
+            f" over its declared limit of {limit} bytes"
+        )
+    control = bsdiff.TRIPLE_BYTES * rec.count
+    if control > limit:
+        raise DeltaError(
+            f"delta corrupt: a bsdiff control block of {rec.count} triples exceeds its declared limit"
+        )
+    bounds = (control, rec.length, rec.length)
+    if any(n > _compress_bound(b) for (_, n), b in zip(rec.parts, bounds, strict=True)):
+        raise DeltaError("delta corrupt: a bsdiff payload is larger than its content could need")
+
+
 def info(delta: Path) -> DeltaInfo:
     """Check a delta's structure (not against a base) and say what it holds."""
     try:
@@ -146,6 +172,8 @@ def info(delta: Path) -> DeltaInfo:
                     key = rec.op.name.lower()
                 elif rec.op is Op.TENSOR:
                     key = rec.transform.name.lower()
+                elif rec.op is Op.BSDIFF:
+                    key = "bsdiff"
                 else:
                     continue
                 by[key] = by.get(key, 0) + rec.length
@@ -196,9 +224,11 @@ def _frame_size(frame: bytes) -> int:
     return -1
 
 
-def _tensor_frame(dctx: zstandard.ZstdDecompressor, payload: bytes, length: int, exact: bool = True) -> bytes:
-    """Decode a TENSOR payload: exactly one zstd frame that declares exactly `length` bytes (or at
-    most `length`, when not `exact`).
+def _tensor_frame(
+    dctx: zstandard.ZstdDecompressor, payload: bytes, length: int, exact: bool = True, what: str = "tensor"
+) -> bytes:
+    """Decode a TENSOR (or BSDIFF) payload: exactly one zstd frame that declares exactly `length`
+    bytes (or at most `length`, when not `exact`).
 
     Decoded in one shot into a buffer of the declared size (no stream window beside it), so a
     chunk costs its payload and its output, and a frame cannot expand past what its record says.
@@ -206,16 +236,16 @@ def _tensor_frame(dctx: zstandard.ZstdDecompressor, payload: bytes, length: int,
     try:
         declared = zstandard.get_frame_parameters(payload).content_size
     except zstandard.ZstdError:
-        raise DeltaError("delta corrupt: a tensor payload is not a zstd frame") from None
+        raise DeltaError(f"delta corrupt: a {what} payload is not a zstd frame") from None
     if declared == zstandard.CONTENTSIZE_UNKNOWN:
-        raise DeltaError("delta corrupt: a tensor frame does not declare its decoded size")
+        raise DeltaError(f"delta corrupt: a {what} frame does not declare its decoded size")
     if declared > length or (exact and declared != length):
-        raise DeltaError(f"delta corrupt: a tensor frame holds {declared} bytes, its record says {length}")
+        raise DeltaError(f"delta corrupt: a {what} frame holds {declared} bytes, its record says {length}")
     if _frame_size(payload) != len(payload):
-        raise DeltaError("delta corrupt: a tensor payload is not exactly one zstd frame")
+        raise DeltaError(f"delta corrupt: a {what} payload is not exactly one zstd frame")
     data = dctx.decompress(payload, max_output_size=length)
     if len(data) != declared:
-        raise DeltaError("delta corrupt: a tensor frame decodes to less than it declares")
+        raise DeltaError(f"delta corrupt: a {what} frame decodes to less than it declares")
     return data
 
 
@@ -229,6 +259,36 @@ def _check_base(old: BinaryIO, header: Header) -> None:
             f"delta was built from another base: it needs sha256 {header.base.sha256[:16]}... "
             f"({header.base.size} bytes), the base given has {digest.hexdigest()[:16]}... ({size} bytes)"
         )
+
+
+def _frame_at(
+    f: BinaryIO, dctx: zstandard.ZstdDecompressor, part: tuple[int, int], length: int, exact: bool = True
+) -> bytes:
+    f.seek(part[0])
+    payload = _read_exact(f, part[1], "a bsdiff payload")
+    return _tensor_frame(dctx, payload, length, exact, what="bsdiff")
+
+
+def _bsdiff(
+    old: BinaryIO, f: BinaryIO, dctx: zstandard.ZstdDecompressor, header: Header, rec: Record
+) -> Iterator[memoryview]:
+    """A BSDIFF record's output, front to back: the control block checked (lengths add up, every
+    base range inside the base) before the base is read, then the diff and extra blocks, each a
+    frame that must declare exactly the size the control block implies."""
+    control = _frame_at(f, dctx, rec.parts[0], bsdiff.TRIPLE_BYTES * rec.count)
+    x, y, z = bsdiff.parse_control(control, rec.count)
+    del control
+    oldpos = bsdiff.check(x, y, z, header.base.size, rec.length)
+    del z
+    diff_len = int(x.sum())
+    coded = _frame_at(f, dctx, rec.parts[1], diff_len, exact=rec.transform is Transform.RAW)
+    # SPARSE: only the non-zero bytes, scattered back among zeros
+    diff_block = coded if rec.transform is Transform.RAW else join_into(Transform.SPARSE, 1, coded, diff_len)
+    del coded
+    extra = _frame_at(f, dctx, rec.parts[2], int(y.sum()))
+    old.seek(0)
+    base = _read_exact(old, header.base.size, "the base")
+    yield from bsdiff.patch(base, x, y, oldpos, diff_block, extra)
 
 
 def _decode(old: BinaryIO, f: BinaryIO, aux: BinaryIO, header: Header, r: Reader, sink: IO[bytes]) -> str:
@@ -256,6 +316,13 @@ def _decode(old: BinaryIO, f: BinaryIO, aux: BinaryIO, header: Header, r: Reader
                 dctx = zstandard.ZstdDecompressor(dict_data=zdict, max_window_size=window)
             source = cast(IO[bytes], Bounded(aux, rec.payload_offset, rec.payload_len))
             gap_reader = dctx.stream_reader(source, read_across_frames=False)
+            continue
+        if rec.op is Op.BSDIFF:
+            for piece in _bsdiff(old, f, plain, header, rec):
+                digest.update(piece)
+                sink.write(piece)
+            offset, length = rec.parts[-1]
+            f.seek(offset + length)  # the record's end, where _records reads on
             continue
         if rec.op is Op.GAP:
             assert gap_reader is not None  # _records checked the order

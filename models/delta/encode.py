@@ -8,8 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import zstandard
 
+from models.delta import bsdiff
 from models.delta.apply import info
 from models.delta.errors import DeltaError
 from models.delta.format import (
@@ -24,6 +26,7 @@ from models.delta.format import (
     Limits,
     Op,
     Transform,
+    bsdiff_record,
     tensor_record,
     varint,
 )
@@ -339,21 +342,43 @@ def _patch_from(old: bytes, new: bytes, width: int, level: int, threads: int) ->
     return _body(old, new, [], [], level, threads)
 
 
+def _bsdiff(blocks: bsdiff.Blocks, length: int, level: int) -> _Body:
+    """The target as one BSDIFF record: bsdiff's three blocks, each one zstd frame; the diff block
+    as it is or, where smaller, only its non-zero bytes (SPARSE: 18 % smaller on a numpy release's
+    library, where a few bytes of every moved call change; larger where changes cluster)."""
+    diff_frames = {Transform.RAW: _compress(blocks.diff, level)}
+    nonzero = int(np.count_nonzero(np.frombuffer(blocks.diff, np.uint8)))
+    if 4 + 5 * nonzero < len(blocks.diff):  # apply lets SPARSE hold at most the block's length
+        sparse = forward(Transform.SPARSE, 1, blocks.diff, bytes(len(blocks.diff)))
+        diff_frames[Transform.SPARSE] = _compress(sparse, level)
+    coding = min(diff_frames, key=lambda t: len(diff_frames[t]))
+    control, extra = _compress(blocks.control(), level), _compress(blocks.extra, level)
+    record = bsdiff_record(length, blocks.count, coding, control, diff_frames[coding], extra)
+    return _Body([record], 0, 0, _window_log(CHUNK_BYTES))
+
+
 def _binary(old: bytes, new: bytes, level: int, threads: int) -> _Body:
     """The smallest of the ways to code a file that is not ONNX (see docs/delta-format.md).
 
     Large files try every way at SELECT_LEVEL and code only the winner at `level`.
     """
-    candidates = [(_patch_from, 1), (_whole_file_planes, 4), (_whole_file_planes, 2)]
+    ways: list[Callable[[int], _Body]] = [
+        lambda lv: _patch_from(old, new, 1, lv, threads),
+        lambda lv: _whole_file_planes(old, new, 4, lv, threads),
+        lambda lv: _whole_file_planes(old, new, 2, lv, threads),
+    ]
     if _same_layout(old, new):
-        candidates += [(_aligned, 4), (_aligned, 1)]
+        ways += [lambda lv: _aligned(old, new, 4, lv, threads), lambda lv: _aligned(old, new, 1, lv, threads)]
+    # Apply holds base and target whole for a BSDIFF record: only files within one segment get one.
+    blocks = bsdiff.diff(old, new, CHUNK_BYTES)
+    if blocks is not None:
+        ways.append(lambda lv: _bsdiff(blocks, len(new), lv))
     trial = SELECT_LEVEL if level > SELECT_LEVEL and len(new) > SELECT_ABOVE else level
-    bodies = [make(old, new, width, trial, threads) for make, width in candidates]
+    bodies = [make(trial) for make in ways]
     best = min(range(len(bodies)), key=lambda i: bodies[i].size)
     if trial == level:
         return bodies[best]
-    make, width = candidates[best]
-    return make(old, new, width, level, threads)
+    return ways[best](level)
 
 
 def _spans(path: Path, data: bytes, layout: Path | None) -> list[TensorSpan]:

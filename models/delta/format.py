@@ -43,6 +43,9 @@ class Op(IntEnum):
     GAP = 3  # the next n bytes of the gap stream
     COPY = 4  # n bytes of the base file from an offset
     TENSOR = 5  # n bytes coded by a transform, optionally against a base range of the same length
+    # The whole target from the whole base by a bsdiff patch (files that are not ONNX). Added within
+    # version 2: a decoder from before it refuses the delta as using an unknown record op.
+    BSDIFF = 6
 
 
 class Transform(IntEnum):
@@ -57,6 +60,9 @@ class Transform(IntEnum):
     FPLANES = 5
 
 
+# How a BSDIFF record may code its diff block: as it is, or only its non-zero bytes (a diff block
+# is mostly zeros; SPARSE with 1-byte elements against an all-zero base).
+BSDIFF_DIFF_CODINGS = (Transform.RAW, Transform.SPARSE)
 # The transforms that read a base range of the same length.
 BASED = (Transform.XOR, Transform.SUB, Transform.SPARSE)
 # The transforms whose frame holds `width` byte planes of length / width bytes each, one after the other.
@@ -229,6 +235,8 @@ class Record:
     width: int = 1
     payload_offset: int = 0
     payload_len: int = 0
+    count: int = 0  # BSDIFF: control triples
+    parts: tuple[tuple[int, int], ...] = ()  # BSDIFF: (offset, length) of its control, diff and extra frames
 
 
 def read_record(r: Reader) -> Record:
@@ -237,7 +245,10 @@ def read_record(r: Reader) -> Record:
     try:
         op = Op(code)
     except ValueError:
-        raise DeltaError(f"delta corrupt: unknown record op {code}") from None
+        raise DeltaError(
+            f"delta uses unknown record op {code}: it was made by a newer encoder or is corrupt;"
+            " update edgefleet on this device, or send the full package"
+        ) from None
     if op is Op.DICT:
         count = r.varint()
         if count > MAX_DICT_RANGES:
@@ -252,6 +263,18 @@ def read_record(r: Reader) -> Record:
         return Record(op, r.varint())
     if op is Op.COPY:
         return Record(op, r.varint(), old_offset=r.varint())
+    if op is Op.BSDIFF:
+        length, count, t_code = r.varint(), r.varint(), r.u8()
+        if t_code not in BSDIFF_DIFF_CODINGS:
+            raise DeltaError(
+                f"delta corrupt: a bsdiff diff block coded as {t_code}, not 0 (RAW) or 4 (SPARSE)"
+            )
+        parts = []
+        for _ in range(3):
+            n = r.varint()
+            parts.append((r.pos, n))
+            r.skip(n)
+        return Record(op, length, transform=Transform(t_code), count=count, parts=tuple(parts))
     t_code, width = r.u8(), r.u8()
     try:
         transform = Transform(t_code)
@@ -277,3 +300,12 @@ def tensor_record(transform: Transform, width: int, length: int, old_offset: int
     if transform in BASED:
         head += varint(old_offset)
     return head + varint(len(payload)) + payload
+
+
+def bsdiff_record(
+    length: int, count: int, diff_coding: Transform, control: bytes, diff: bytes, extra: bytes
+) -> bytes:
+    """A BSDIFF record: the target's length, the triple count, how the diff block is coded (RAW
+    or SPARSE), then three zstd frames: control, diff, extra."""
+    head = bytes([Op.BSDIFF]) + varint(length) + varint(count) + bytes([diff_coding])
+    return head + b"".join(varint(len(p)) + p for p in (control, diff, extra))

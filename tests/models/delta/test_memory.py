@@ -75,3 +75,38 @@ def test_apply_peak_memory_with_fplanes(tmp_path: Path) -> None:
         f"apply grew by {grew_mib:.0f} MiB for a {len(new_model) >> 20} MiB model"
     )
     assert len(new_model) > 3 * CHUNK_BYTES
+
+
+@pytest.mark.slow
+def test_apply_peak_memory_with_bsdiff(tmp_path: Path) -> None:
+    """BSDIFF holds the base and the diff and extra blocks (together the target's size), never the
+    target itself or a second copy: about base + target, both within the declared segment limit."""
+    pytest.importorskip("bsdiff4", reason="the encoder's BSDIFF records need bsdiff4 (the fleet extra)")
+    from models.delta.format import Reader, parse_header, read_record
+
+    rng = np.random.default_rng(8)
+    size = CHUNK_BYTES - (2 << 20)  # 14 MiB: random bytes, 0.5 % nudged, 4 KiB inserted
+    old_bytes = rng.integers(0, 256, size, dtype=np.uint8)
+    new_bytes = old_bytes.copy()
+    at = rng.random(size) < 0.005
+    new_bytes[at] += np.uint8(1)
+    cut = size // 3
+    old, new, delta, out = tmp_path / "a.bin", tmp_path / "b.bin", tmp_path / "d.efd", tmp_path / "out"
+    old.write_bytes(old_bytes.tobytes())
+    new.write_bytes(new_bytes[:cut].tobytes() + rng.bytes(4096) + new_bytes[cut:].tobytes())
+    made = encode(old, new, delta, level=1)
+    assert made.target_bytes_by == {"bsdiff": made.target_size}
+    with delta.open("rb") as f:
+        parse_header(f)
+        assert read_record(Reader(f, made.delta_size)).op.name == "BSDIFF"
+    baseline = _peak_kib("None")
+    peak = _peak_kib(f"apply(P({str(old)!r}), P({str(delta)!r}), P({str(out)!r}))")
+    assert out.read_bytes() == new.read_bytes()
+    grew_mib = (peak - baseline) / 1024
+    both_mib = (made.base_size + made.target_size) / 2**20
+    # the base, the diff block (with its SPARSE coding until it is scattered), the extra block,
+    # the control block and a 1 MiB scratch buffer
+    assert grew_mib < both_mib + 6, (
+        f"apply grew by {grew_mib:.0f} MiB for base + target of {both_mib:.0f} MiB"
+    )
+    assert both_mib + 6 < 3 * CHUNK_BYTES / 2**20  # within the bound the other records keep
