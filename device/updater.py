@@ -212,9 +212,16 @@ class Updater:
                 if candidate is not None:
                     await self._switch_when_allowed(record, slots, candidate)
                 return
-            waiting = record.state is UpdateState.TESTING and record.waiting_for is not None
-            if waiting and record.failed_starts < MAX_FAILED_STARTS:
-                log.info("update %s: restarted while waiting to switch; proving it again", record.update_id)
+            # A restart while testing (loading, golden vectors, waiting to switch) proves the staged,
+            # re-verified slot again: a power cut is not the model's fault. A model that kills the
+            # agent while loading counts a failed start each time (update_boot) and fails at the third.
+            testing = record.state is UpdateState.TESTING and record.target_slot is not None
+            if testing and record.failed_starts < MAX_FAILED_STARTS:
+                log.info(
+                    "update %s: restarted while testing (%d failed start(s)); proving it again",
+                    record.update_id,
+                    record.failed_starts,
+                )
                 candidate = await self._prove_staged(record, slots)
                 if candidate is not None:
                     await self._switch_when_allowed(record, slots, candidate)

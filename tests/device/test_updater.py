@@ -720,9 +720,7 @@ def test_restarts_of_a_model_that_loaded_fine_count_nothing(
     assert (journal["state"], journal["failed_starts"]) == ("probation", 0)
 
 
-def test_a_death_while_proving_the_new_model_fails_the_update_and_counts(
-    serving_v1: Engine, data_dir: Path, archives: dict[int, Path], fleet_tuf: TufRepository
-) -> None:
+def _died_proving(data_dir: Path, archives: dict[int, Path], failed_starts: int) -> None:
     ModelSlots(data_dir / "models" / "surface-defect").unpack_into("b", archives[2])
     record = UpdateRecord(
         update=offer_for(archives[2].read_bytes()).update,
@@ -730,11 +728,32 @@ def test_a_death_while_proving_the_new_model_fails_the_update_and_counts(
         target_slot="b",
         previous_slot="a",
         loading=True,
+        failed_starts=failed_starts,
     )
     (data_dir / "update-journal.json").write_text(json.dumps(record.to_json()))
+
+
+def test_a_death_while_proving_the_new_model_proves_it_again(
+    serving_v1: Engine, data_dir: Path, archives: dict[int, Path], fleet_tuf: TufRepository
+) -> None:
+    """A power cut while the new model loads is not the model's fault: the staged slot is verified
+    and proven again, and the update goes on."""
+    _died_proving(data_dir, archives, failed_starts=0)
+    fleet = MemoryFleet(b"")
+    updater = make_updater(data_dir, serving_v1, fleet, fleet_tuf)
+    asyncio.run(updater.recover())
+    assert "failed" not in fleet.states, fleet.statuses
+    assert fleet.states[-1] == "committed"
+    assert serving_v1.get("surface-defect").manifest.version == 2
+
+
+def test_a_model_that_keeps_killing_the_agent_while_loading_fails_at_the_third_start(
+    serving_v1: Engine, data_dir: Path, archives: dict[int, Path], fleet_tuf: TufRepository
+) -> None:
+    _died_proving(data_dir, archives, failed_starts=2)
     fleet = MemoryFleet(b"")
     updater = make_updater(data_dir, serving_v1, fleet, fleet_tuf)
     asyncio.run(updater.recover())
     assert fleet.states == ["failed"]
-    assert "while loading v2 (1 failed start(s) in a row" in fleet.statuses[0].reason
+    assert "while loading v2 (3 failed start(s) in a row" in fleet.statuses[0].reason
     assert_still_serving_v1(serving_v1, data_dir)
