@@ -33,6 +33,7 @@ from protocol.messages import TelemetryRecord, encode
 from protocol.sealed import fleet_key_id, seal
 
 SLOT_S = 0.01  # the schedule's resolution: each 10 ms slot's packets leave in one write per connection
+STALL_S = 30.0  # a windowed send gives up when nothing was taken for this long
 
 
 def device_id(index: int) -> str:
@@ -156,7 +157,9 @@ def schedule(corpus: list[list[bytes]], rate: float, duration_s: float, connecti
 
 
 def burst(corpus: list[list[bytes]], connections: int) -> Schedule:
-    """Every record at once (a backlog after an outage), oldest first, round-robin over devices."""
+    """A backlog after an outage, oldest first, round-robin over devices: one record of every device
+    per slot, so `play` offers it at devices / SLOT_S records/s (50 devices: 5,000/s), or with a
+    `window` as fast as the fleet stores it."""
     blobs: list[list[bytes]] = []
     slot_of: dict[tuple[int, int], int] = {}
     packet_ids = [0] * connections
@@ -225,7 +228,15 @@ class Fleetless:
         for slot, blobs in enumerate(plan.blobs):
             if window:
                 assert stored is not None, "a window needs the stored count"
-                while self.sent - stored() > window:
+                last, since = stored(), time.monotonic()
+                while self.sent - (now := stored()) > window:
+                    if now != last:
+                        last, since = now, time.monotonic()
+                    elif time.monotonic() - since > STALL_S:
+                        raise TimeoutError(
+                            f"no progress for {STALL_S:.0f} s with {self.sent - now} records sent and not "
+                            "taken: did the broker drop them? (see its log for 'dropped')"
+                        )
                     await asyncio.sleep(0.05)
             else:
                 delay = start + slot * slot_s - time.time()
