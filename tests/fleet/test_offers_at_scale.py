@@ -16,8 +16,8 @@ from fleet.rollouts import Phase, Target
 from fleet.service import OFFERS_IN_FLIGHT, FleetService
 from fleet.store import FleetDataDir
 from protocol import topics
-from protocol.messages import Health, ModelHealth
 from protocol.targets import delta_target_name
+from tests.health_reports import health_report
 
 MODEL = "surface-defect"
 DEVICES = [f"cam-{i:03d}" for i in range(150)]
@@ -65,25 +65,7 @@ def service(tmp_path: Path, archives: dict[int, Path], broker: Broker) -> FleetS
 
 
 def runs(service: FleetService, device_ids: list[str], version: int) -> None:
-    service.on_healths(
-        [
-            (
-                d,
-                Health(
-                    device_id=d,
-                    seq=1,
-                    ts=0.0,
-                    uptime_s=1.0,
-                    cpu_percent=0.0,
-                    memory_percent=0.0,
-                    disk_free_bytes=1,
-                    disk_percent=1.0,
-                    models=[ModelHealth(name=MODEL, version=version, slot="a", backend="onnxruntime-cpu")],
-                ),
-            )
-            for d in device_ids
-        ]
-    )
+    service.on_healths([(d, health_report(d, model=MODEL, version=version)) for d in device_ids])
 
 
 def test_a_rollout_sends_its_offers_concurrently_and_bounded(

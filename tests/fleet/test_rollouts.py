@@ -21,7 +21,8 @@ from fleet.rollouts import AbortRule, Phase, Target
 from fleet.service import FleetService
 from fleet.store import FleetDataDir
 from protocol import topics
-from protocol.messages import DeviceState, Health, ModelHealth, UpdateState, UpdateStatus
+from protocol.messages import DeviceState, UpdateState, UpdateStatus
+from tests.health_reports import health_report
 
 MODEL = "surface-defect"
 T0 = 1_750_000_000.0
@@ -123,18 +124,7 @@ def status(service: FleetService, campaign_id: str) -> dict[str, Any]:
 
 
 def runs(service: FleetService, device_id: str, version: int) -> None:
-    health = Health(
-        device_id=device_id,
-        seq=1,
-        ts=0.0,
-        uptime_s=1.0,
-        cpu_percent=0.0,
-        memory_percent=0.0,
-        disk_free_bytes=1,
-        disk_percent=1.0,
-        models=[ModelHealth(name=MODEL, version=version, slot="a", backend="onnxruntime-cpu")],
-    )
-    service.on_health(device_id, health)
+    service.on_health(device_id, health_report(device_id, model=MODEL, version=version))
 
 
 PHASES = [

@@ -21,8 +21,6 @@ from protocol.frames import decode_chunk
 from protocol.messages import (
     ChunkRequest,
     DeviceState,
-    Health,
-    ModelHealth,
     TelemetryRecord,
     UpdateOffer,
     UpdateState,
@@ -33,6 +31,7 @@ from protocol.messages import (
 from protocol.sealed import seal
 from protocol.targets import archive_target_name, delta_target_name
 from tests.conftest import ZOO
+from tests.health_reports import health_report
 
 
 @pytest.fixture
@@ -112,18 +111,7 @@ def test_offer_is_signed_and_chunks_are_served_to_that_device_only(
 
 
 def _reports_running(service: FleetService, device_id: str, version: int) -> None:
-    health = Health(
-        device_id=device_id,
-        seq=1,
-        ts=0.0,
-        uptime_s=1.0,
-        cpu_percent=0.0,
-        memory_percent=0.0,
-        disk_free_bytes=1,
-        disk_percent=1.0,
-        models=[ModelHealth(name="surface-defect", version=version, slot="a", backend="onnxruntime-cpu")],
-    )
-    service.on_health(device_id, health)
+    service.on_health(device_id, health_report(device_id, model="surface-defect", version=version))
 
 
 def test_a_device_that_runs_an_older_registered_version_is_offered_a_delta(

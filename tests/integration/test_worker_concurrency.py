@@ -23,6 +23,7 @@ from fleet.store import FleetDataDir
 from models.signing import public_key_pem
 from protocol import topics
 from protocol.messages import Health, UpdateOffer, UpdateState, UpdateStatus
+from tests.health_reports import health_report
 from tests.integration.test_telemetry_link import until
 
 pytestmark = pytest.mark.e2e
@@ -113,16 +114,7 @@ def status(device_id: str, update_id: str, state: UpdateState) -> UpdateStatus:
 
 
 def health(device_id: str, seq: int) -> Health:
-    return Health(
-        device_id=device_id,
-        seq=seq,
-        ts=0.0,
-        uptime_s=1.0,
-        cpu_percent=0.0,
-        memory_percent=0.0,
-        disk_free_bytes=1,
-        disk_percent=1.0,
-    )
+    return health_report(device_id, seq=seq)
 
 
 def events(service: FleetService, update_id: str) -> list[str]:
