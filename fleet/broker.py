@@ -114,7 +114,15 @@ class ManagedBroker:
             "autosave_interval 60\n"
             f"log_dest file {self.log_path}\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
-            "max_queued_messages 10000\n"
+            # Per client, above its in-flight window. The telemetry link's session holds a backlog
+            # here while ingest catches up (its Receive Maximum keeps the rest out of the worker):
+            # 64 MiB is ~200,000 sealed records, 40 s of 5,000 devices. Past it Mosquitto drops
+            # QoS 1 messages; the devices send again what the fleet never receipted.
+            "max_queued_messages 200000\n"
+            # QoS 1 messages in flight per client both ways (Mosquitto announces it as its Receive
+            # Maximum): the workers' receipts to 5,000 devices need more than the default 20.
+            "max_inflight_messages 100\n"
+            "max_queued_bytes 67108864\n"
             # Largest legal message: a 4 MiB chunk plus its frame header.
             "max_packet_size 5242880\n"
             # Mosquitto started as root drops to user `mosquitto`, which cannot read the fleet's

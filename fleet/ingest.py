@@ -66,6 +66,7 @@ NOT_PINNED = "deferred: no device key pinned yet"
 UNKNOWN_KEY = f"rejected: {UnknownKeyError.__name__}"
 MAX_BATCH = 2000  # records per transaction: big enough to amortise it, small enough to commit in ms
 LINGER_S = 0.02  # how long a batch may wait to fill once a record is waiting
+MAX_PENDING = 3 * MAX_BATCH  # arrivals waiting for a batch before the receiver stops reading
 
 # What opening one envelope gives: ("ok", seq, kind, ts, body) or ("rejected", seq, outcome, message)
 # or ("deferred", seq, outcome, ""); plain tuples, because they cross process boundaries.
@@ -82,6 +83,7 @@ class Arrival:
 
     device_id: str
     envelope: bytes
+    token: object = None  # the receiver's handle to acknowledge the message by, once handled
 
 
 @dataclass(frozen=True)
@@ -372,7 +374,9 @@ class IngestBatcher:
     While one batch is opened and stored, the next one gathers, so batches grow with the load:
     one record at a time when it is quiet, up to `max_batch` under load. `on_done` gets each
     batch's outcomes once its rows are committed; a batch that fails gets none (no receipts, so
-    its devices send it again).
+    its devices send it again). `on_handled` then gets the tokens given to `put` for every batch,
+    stored or failed: the MQTT link acknowledges those messages to the broker only then, so a
+    worker that dies mid-batch has them delivered again.
     """
 
     def __init__(
@@ -382,11 +386,15 @@ class IngestBatcher:
         processes: int = 0,
         max_batch: int = MAX_BATCH,
         linger_s: float = LINGER_S,
+        on_handled: Callable[[list[object]], None] | None = None,
+        max_pending: int = MAX_PENDING,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.ingest = ingest
         self.on_done = on_done
+        self.on_handled = on_handled
+        self.max_pending = max_pending
         self.processes = processes
         self.max_batch = max_batch
         self.linger_s = linger_s
@@ -399,8 +407,14 @@ class IngestBatcher:
     def pending(self) -> int:
         return len(self._queue)
 
-    def put(self, device_id: str, envelope: bytes) -> None:
-        self._queue.append(Arrival(device_id, envelope))
+    async def room(self) -> None:
+        """Return once fewer than `max_pending` arrivals wait: a receiver awaits this before it
+        reads more, so a backlog waits at the broker, not in this process's memory."""
+        while len(self._queue) >= self.max_pending:
+            await asyncio.sleep(self.linger_s or 0.01)
+
+    def put(self, device_id: str, envelope: bytes, token: object = None) -> None:
+        self._queue.append(Arrival(device_id, envelope, token))
         self._waiting.set()
 
     async def run(self) -> None:
@@ -418,8 +432,10 @@ class IngestBatcher:
                 except Exception:  # a busy or broken database must not stop ingest; devices resend
                     self.failed += len(batch)
                     log.exception("ingest of %d telemetry records failed; none receipted", len(batch))
-                    continue
-                self.batches += 1
-                self.on_done(outcomes)
+                else:
+                    self.batches += 1
+                    self.on_done(outcomes)
+                if self.on_handled is not None:
+                    self.on_handled([a.token for a in batch if a.token is not None])
         finally:
             await asyncio.to_thread(opener.close)

@@ -32,7 +32,8 @@ from sqlalchemy.exc import OperationalError
 
 from fleet.broker_auth import FLEET_USER
 from fleet.db import Update
-from fleet.ingest import IngestBatcher, Outcome
+from fleet.ingest import MAX_BATCH, IngestBatcher, Outcome
+from fleet.mqtt_link import LinkError, LinkOptions, MqttLink
 from fleet.service import OFFERS_IN_FLIGHT, FleetService, Report
 from protocol import topics
 from protocol.backoff import backoff_delay
@@ -59,6 +60,10 @@ RECEIPT_MAX_SEQS = 10_000  # per list in one TelemetryAck (its schema's bound)
 RECEIPT_MAX_DELAY_S = 5.0  # a device waits at most this for its receipt (it resends after 15 s)
 RECEIPTS_PER_TICK = 100  # receipts sent per tick at least, when that many devices wait
 RECEIPTS_IN_FLIGHT = 64  # receipts awaiting their PUBACK at once
+# Telemetry messages the broker may send the link ahead of our PUBACKs (sent once a batch is
+# committed): two full ingest batches, so one gathers while the other is stored. The rest of a
+# backlog waits in the broker's queue for this session, not in the worker's memory.
+TELEMETRY_RECEIVE_MAXIMUM = 2 * MAX_BATCH
 MAX_REQUESTS_IN_FLIGHT = 64  # chunk and metadata answers being built or awaiting their PUBACK at once
 MAX_REPORTS_QUEUED = 10_000  # device reports waiting for the database; past it the worker waits
 REPORTS_PER_BATCH = 200  # reports the database thread records in one transaction, at most
@@ -218,7 +223,17 @@ class FleetWorker:
         # Per device: seqs stored (or already held) and seqs refused for good, not yet told to it.
         self._receipts: dict[str, tuple[list[int], list[int], list[int]]] = {}  # stored, refused, rekey
         self._client: aiomqtt.Client | None = None
-        self.telemetry = IngestBatcher(service.telemetry_ingest, self._receipt_all, processes=open_processes)
+        self.telemetry = IngestBatcher(
+            service.telemetry_ingest,
+            self._receipt_all,
+            processes=open_processes,
+            on_handled=self._ack_telemetry,
+        )
+        # Sealed telemetry has its own lean MQTT 5 session (fleet/mqtt_link.py): it is most of the
+        # messages, and paho's per-message cost was most of the worker's CPU beside the crypto.
+        self._link: MqttLink | None = None
+        self._link_session = 0  # which link session a telemetry token's packet id belongs to
+        self.link_ready = asyncio.Event()
         self.reports = DeviceReports(service)
         self.requests_in_flight = requests_in_flight
         self.requests_peak = 0  # the most chunk/metadata answers in flight at once so far
@@ -233,6 +248,7 @@ class FleetWorker:
 
     async def run(self) -> None:
         helpers = [
+            asyncio.create_task(self._telemetry_link_loop()),
             asyncio.create_task(self._receipt_loop()),
             asyncio.create_task(self.telemetry.run()),
             asyncio.create_task(self.reports.run()),
@@ -282,10 +298,76 @@ class FleetWorker:
         self, device_id: str, stored: list[int], refused: list[int], rekey: list[int]
     ) -> None:
         ack = TelemetryAck(stored=stored, refused=refused, rekey=rekey)
+        topic = topics.device_topic(device_id, topics.CMD_TELEMETRY_ACK)
+        link = self._link
         try:
-            await self.publish(topics.device_topic(device_id, topics.CMD_TELEMETRY_ACK), encode(ack), 1)
-        except (aiomqtt.MqttError, TimeoutError) as e:  # the device resends; we receipt it then
+            if link is not None and link.connected:
+                await link.publish(topic, encode(ack))
+            else:
+                await self.publish(topic, encode(ack), 1)
+        except (aiomqtt.MqttError, LinkError, TimeoutError) as e:  # the device resends; we receipt it then
             log.info("receipt to %s not sent (%s)", device_id, e)
+
+    # -- the telemetry link ---------------------------------------------------------------------
+    async def _telemetry_link_loop(self) -> None:
+        attempt = 0
+        while True:
+            link = MqttLink(await self._link_options(), self._on_telemetry, room=self.telemetry.room)
+            try:
+                await link.connect()
+                await link.subscribe(topics.shared(topics.all_devices(topics.TELEMETRY)), qos=1)
+                self._link_session += 1
+                self._link = link
+                self.link_ready.set()
+                attempt = 0
+                log.info("fleet worker %s: telemetry link subscribed", self.worker_id)
+                await link.run()
+            except LinkError as e:
+                log.warning("fleet worker %s: telemetry link lost (%s); reconnecting", self.worker_id, e)
+            finally:
+                self._link = None
+                await link.close()
+            await asyncio.sleep(backoff_delay(attempt, base=0.2, cap=10.0))
+            attempt += 1
+
+    async def _link_options(self) -> LinkOptions:
+        tls = self.service.broker_url.startswith("mqtts:")
+        return LinkOptions(
+            host=self.host,
+            port=self.port,
+            client_id=f"edgefleet-{self.worker_id}-telemetry",
+            username=FLEET_USER,
+            password=None if tls else self.service.fleet_mqtt_password,
+            ssl_context=await asyncio.to_thread(self.service.data.ca().fleet_client_context) if tls else None,
+            session_expiry_s=SESSION_EXPIRY_S,
+            receive_maximum=TELEMETRY_RECEIVE_MAXIMUM,
+        )
+
+    def _on_telemetry(self, topic: str, payload: bytes, packet_id: int | None) -> None:
+        token = (self._link_session, packet_id) if packet_id is not None else None
+        try:
+            device_id, leaf = topics.split_device_topic(topic)
+            if leaf != topics.TELEMETRY:
+                raise ValueError(f"{topic!r} is not a telemetry topic")
+        except ValueError as e:
+            self.service.rejected_messages += 1
+            log.warning("rejected message on the telemetry link: %s", e)
+            self._ack_telemetry([token] if token else [])
+            return
+        self.handled[leaf] += 1
+        self.telemetry.put(device_id, payload, token)
+
+    def _ack_telemetry(self, tokens: list[object]) -> None:
+        """PUBACK handled telemetry to the broker; ids from an earlier link session are not ours to
+        ack any more (the broker delivers those messages again, and the store drops the copies)."""
+        link = self._link
+        if link is None or not tokens:
+            return
+        session = self._link_session
+        ids = [token[1] for token in tokens if isinstance(token, tuple) and token[0] == session]
+        if ids:
+            with contextlib.suppress(LinkError):
+                link.ack(ids)
 
     def _receipt_all(self, outcomes: list[Outcome]) -> None:
         """A committed batch's receipts. Stored and duplicate records are receipted, refused ones
@@ -331,14 +413,11 @@ class FleetWorker:
         ) as client:
             self._client = client
             await client.subscribe(topics.all_devices(topics.STATE), qos=1)
-            for leaf in (
-                topics.HEALTH,
-                topics.UPDATE_STATUS,
-                topics.CHUNK_REQUEST,
-                topics.METADATA_REQUEST,
-                topics.TELEMETRY,
-            ):
+            for leaf in (topics.HEALTH, topics.UPDATE_STATUS, topics.CHUNK_REQUEST, topics.METADATA_REQUEST):
                 await client.subscribe(topics.shared(topics.all_devices(leaf)), qos=1)
+            # Telemetry comes over the link; a session persisted by an older fleet may still hold
+            # the subscription here, which would split the records between the two.
+            await client.unsubscribe(topics.shared(topics.all_devices(topics.TELEMETRY)))
             if (
                 client.pending_calls_threshold
                 < self.requests_in_flight + RECEIPTS_IN_FLIGHT + OFFERS_IN_FLIGHT
@@ -347,6 +426,8 @@ class FleetWorker:
                 client.pending_calls_threshold = (
                     self.requests_in_flight + RECEIPTS_IN_FLIGHT + OFFERS_IN_FLIGHT
                 )
+            # Connected means ready for every kind of message, telemetry included.
+            await self.link_ready.wait()
             self.connected.set()
             log.info("fleet worker %s subscribed on %s:%d", self.worker_id, self.host, self.port)
             async for message in client.messages:

@@ -65,7 +65,7 @@ KEEPS_UP_P99_S = 2.0  # ... and 99% of records stored within 2 s of being sent
 PROFILE = bool(os.environ.get("INGEST_BENCH_PROFILE"))
 PY_SPY = Path(sys.executable).with_name("py-spy")
 # The fleet code a run measured: its hashes go into the results, since it changes between runs.
-MEASURED = ("fleet/ingest.py", "fleet/mqtt_worker.py", "protocol/sealed.py")
+MEASURED = ("fleet/ingest.py", "fleet/mqtt_worker.py", "fleet/mqtt_link.py", "protocol/sealed.py")
 # Where a worker's CPU goes, by the first of these functions found on a sampled stack.
 PARTS = (
     ("open envelopes (HPKE + Ed25519)", ("open_sealed", "open_one", "_pool_open", "EnvelopeOpener.open")),
@@ -73,12 +73,14 @@ PARTS = (
     ("device keys", ("TelemetryIngest._load_keys",)),
     ("other ingest (outcomes, rows)", ("TelemetryIngest.ingest",)),
     ("receipts (encode + publish)", ("_send_receipts", "_send_receipt", "_receipt_all")),
+    ("MQTT receive, telemetry link", ("MqttLink._read_loop",)),
+    ("telemetry handler (queue)", ("FleetWorker._on_telemetry", "FleetWorker._handle")),
+    ("MQTT acks, telemetry link", ("FleetWorker._ack_telemetry", "MqttLink.ack")),
     (
         "MQTT receive (paho + aiomqtt)",
         ("loop_read", "_packet_read", "MessagesIterator.__anext__", "_on_message", "FleetWorker._session"),
     ),
     ("MQTT send (paho)", ("loop_write", "_packet_write", "loop_misc")),
-    ("telemetry handler (queue)", ("FleetWorker._handle",)),
     ("event loop select", ("select",)),
     ("asyncio and thread hand-offs", ("_run_once", "_write_to_self", "_read_from_self", "_worker")),
 )
@@ -616,14 +618,14 @@ def run_parts(
         r = ingest_parts(corpus, fleet_key_pem, batch)
         print(f"  run {repeat + 1} (others {quiet} cores before): in-process us/record {r}", flush=True)
         ingest_runs.append(r)
-        for protocol in ("v5", "v311"):
+        for protocol in ("link", "v5", "v311"):
             quiet = wait_for_quiet(args.quiet_below, args.quiet_wait)
             rr = asyncio.run(receive_part(plan, len(corpus), fleet_key_pem, protocol, args.logs))
             rr["others_cores_before"] = quiet
             print(f"  run {repeat + 1}: receive {rr}", flush=True)
             receive_runs.append(rr)
     median = {k: statistics.median(r[k] for r in ingest_runs) for k in ingest_runs[0]}
-    for protocol in ("v5", "v311"):
+    for protocol in ("link", "v5", "v311"):
         mine = [r for r in receive_runs if r["protocol"] == protocol]
         for key in ("sink_us_per_message", "broker_us_per_message", "per_s"):
             median[f"receive {protocol}: {key}"] = statistics.median(r[key] for r in mine)

@@ -8,11 +8,11 @@ several of them can share one broker's shared subscription, each in its own proc
 Prints `ready` once subscribed; runs until SIGTERM. (The benchmark profiles it from outside with
 py-spy, which sees the ingest thread as well as the event loop.)
 
-`--sink` measures the receive path alone: `v5` is the same FleetWorker session and handler with
-the batcher's `put` replaced by a counter (nothing opened, stored or receipted); `v311` is a plain
-aiomqtt MQTT 3.1.1 client on the same shared subscription (Mosquitto shares subscriptions with
-3.1.1 clients too), to size what the MQTT 5 property handling costs. Prints `received N` once N
-telemetry messages arrived.
+`--sink` measures the receive path alone: `link` is the FleetWorker's own telemetry link
+(fleet/mqtt_link.py) and handler with the batcher's `put` replaced by a counter that acks at once
+(nothing opened, stored or receipted); `v5` and `v311` are what one would use instead, a plain
+aiomqtt (paho) client on the same shared subscription over MQTT 5 or 3.1.1 (Mosquitto shares
+subscriptions with 3.1.1 clients too). Prints `received N` once N telemetry messages arrived.
 """
 
 import argparse
@@ -51,17 +51,17 @@ class Counter:
             print(f"received {self.n}", flush=True)
 
 
-async def plain_v311_sink(
-    data: FleetDataDir, port: int, worker_id: str, count: Counter, stop: asyncio.Event
+async def aiomqtt_sink(
+    data: FleetDataDir, port: int, worker_id: str, count: Counter, stop: asyncio.Event, protocol: str
 ) -> None:
-    """Receive the shared telemetry subscription over MQTT 3.1.1 with aiomqtt and only count."""
+    """Receive the shared telemetry subscription with aiomqtt (MQTT 5 or 3.1.1) and only count."""
     async with aiomqtt.Client(
         "127.0.0.1",
         port,
         identifier=f"edgefleet-sink-{worker_id}",
         username=FLEET_USER,
         password=data.secret("broker-fleet-password"),
-        protocol=aiomqtt.ProtocolVersion.V311,
+        protocol=aiomqtt.ProtocolVersion.V5 if protocol == "v5" else aiomqtt.ProtocolVersion.V311,
         keepalive=15,
     ) as client:
         await client.subscribe(topics.shared(topics.all_devices(topics.TELEMETRY)), qos=1)
@@ -83,7 +83,7 @@ async def main() -> None:
     parser.add_argument("port", type=int)
     parser.add_argument("worker_id")
     parser.add_argument("--open-processes", type=int, default=None)
-    parser.add_argument("--sink", choices=["v5", "v311"], default=None, help="receive only; count")
+    parser.add_argument("--sink", choices=["link", "v5", "v311"], default=None, help="receive only; count")
     parser.add_argument("--expect", type=int, default=0, help="--sink: say when this many arrived")
     parser.add_argument("--progress", type=Path, default=None, help="--sink: keep the count here")
     args = parser.parse_args()
@@ -93,9 +93,9 @@ async def main() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    if args.sink == "v311":
+    if args.sink in ("v5", "v311"):
         count = Counter(args.expect, args.progress)
-        await plain_v311_sink(data, args.port, args.worker_id, count, stop)
+        await aiomqtt_sink(data, args.port, args.worker_id, count, stop, args.sink)
         print(f"counts {{}} handled {{'telemetry': {count.n}}}", flush=True)
         return
     service = FleetService(data, open_database(data.database), f"mqtt://127.0.0.1:{args.port}")
@@ -106,8 +106,14 @@ async def main() -> None:
         options["open_processes"] = args.open_processes
     worker = FleetWorker(service, "127.0.0.1", args.port, worker_id=args.worker_id, **options)
     service.publish = worker.publish
-    if args.sink == "v5":
-        worker.telemetry.put = Counter(args.expect, args.progress)  # type: ignore[method-assign,assignment]
+    if args.sink == "link":
+        count = Counter(args.expect, args.progress)
+
+        def put(device_id: str, envelope: bytes, token: object = None) -> None:
+            count()
+            worker._ack_telemetry([token])
+
+        worker.telemetry.put = put  # type: ignore[method-assign]
     task = asyncio.create_task(worker.run())
     await asyncio.wait_for(worker.connected.wait(), 30)
     print("ready", flush=True)
