@@ -1,9 +1,11 @@
 """Drains the outbox to the fleet: seal each record, publish at QoS 1, delete it on the fleet's receipt.
 
 The broker's PUBACK only says the broker has the message; the record leaves the outbox when the
-fleet says it stored it (or refused it for good, which is counted). Records sent but not receipted
-within `RESEND_AFTER_S` are sent again from the oldest; the fleet drops the duplicates by
-(device, seq). So a broker or fleet-worker crash costs a resend, not a record.
+fleet says it stored it (or refused it for good, which is counted). When the oldest record sent
+has had no receipt for `RESEND_AFTER_S`, everything unreceipted is sent again from the oldest;
+the fleet drops the duplicates by (device, seq). The clock is per record, not "no receipt at
+all": a record the broker dropped (its queue for a busy fleet worker full) while later ones were
+receipted goes again too. So a broker or fleet-worker crash costs a resend, not a record.
 
 Records are sealed when they are sent, to the fleet key `fleet_key()` names then, so a key the
 fleet rotated to applies to the backlog too. Records the fleet sends back as sealed to a key it
@@ -15,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -61,6 +64,9 @@ class TelemetrySender:
         self._rekey_pending = False
         self.cursor = 0  # highest seq published and not yet due for a resend
         self.last_progress = time.monotonic()
+        # Seqs published since the last start-over and not receipted yet, with when: oldest first.
+        self._unreceipted: OrderedDict[int, float] = OrderedDict()
+        self.resends = 0  # times everything unreceipted was sent again
         self.wakeup = asyncio.Event()
         self._loop = asyncio.get_running_loop()
 
@@ -84,6 +90,8 @@ class TelemetrySender:
                 self._rekey_pending = True
                 self.keys_changed.clear()
                 self.on_rekey()
+        for seq in (*ack.stored, *ack.refused):
+            self._unreceipted.pop(seq, None)
         done = await asyncio.to_thread(self.outbox.ack_many, [*ack.stored, *ack.refused])
         self.receipted += done
         self.refused_by_fleet += len(ack.refused)
@@ -108,8 +116,19 @@ class TelemetrySender:
         return [r.seq for r in records], envelopes
 
     def _due_for_resend(self) -> bool:
-        """Sent records the fleet has not receipted for a while: start over from the oldest."""
-        return self.cursor > 0 and time.monotonic() - self.last_progress > self.resend_after_s
+        """The oldest record sent has waited too long for its receipt (or, after a restart, no
+        receipt came for a while): start over from the oldest."""
+        if self.cursor == 0:
+            return False
+        now = time.monotonic()
+        if self._unreceipted and now - next(iter(self._unreceipted.values())) > self.resend_after_s:
+            return True
+        return now - self.last_progress > self.resend_after_s
+
+    def _start_over(self) -> None:
+        self.cursor = 0
+        self._unreceipted.clear()
+        self.last_progress = time.monotonic()
 
     async def run(self) -> None:
         while True:
@@ -118,15 +137,14 @@ class TelemetrySender:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.keys_changed.wait(), REKEY_WAIT_S)
                 self._rekey_pending = False
-                self.cursor = 0  # everything unreceipted goes again, sealed to the key known now
-                self.last_progress = time.monotonic()
+                self._start_over()  # everything unreceipted goes again, sealed to the key known now
             if self._due_for_resend():
                 log.info(
-                    "no receipt from the fleet for %.0f s; resending unreceipted telemetry",
+                    "a telemetry record had no receipt from the fleet for %.0f s; resending unreceipted ones",
                     self.resend_after_s,
                 )
-                self.cursor = 0
-                self.last_progress = time.monotonic()
+                self.resends += 1
+                self._start_over()
             seqs, envelopes = await asyncio.to_thread(self._seal_batch)
             if not envelopes:
                 self.wakeup.clear()
@@ -139,8 +157,11 @@ class TelemetrySender:
                 await self.publish_batch(envelopes)
             except Exception as e:  # link dropped mid-batch: send again from the oldest after reconnect
                 log.info("telemetry batch not acknowledged by the broker (%s); will resend", e)
-                self.cursor = 0
+                self._start_over()
                 await asyncio.sleep(0.5)
                 continue
+            now = time.monotonic()
+            for seq in seqs:
+                self._unreceipted.setdefault(seq, now)
             self.cursor = seqs[-1]
             self.sent += len(seqs)
