@@ -349,3 +349,23 @@ def test_replay_guard_big_jump_and_seeding() -> None:
     assert seeded.accept("a", 101)
     with pytest.raises(ValueError):
         ReplayGuard(window=0)
+
+
+@pytest.mark.parametrize("sodium", [True, False], ids=["libsodium", "openssl"])
+def test_both_ed25519_verifiers_accept_real_signatures_and_refuse_forged_ones(
+    sodium: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fleet verifies with libsodium when PyNaCl is there, else with OpenSSL: same answers."""
+    if sodium and sealed._SODIUM_OPEN is None:
+        pytest.skip("PyNaCl is not installed (the fleet extra has it)")
+    if not sodium:
+        monkeypatch.setattr(sealed, "_SODIUM_OPEN", None)
+    key = Ed25519PrivateKey.generate()
+    message = b"edgefleet record"
+    signature = key.sign(message)
+    assert sealed.verify_ed25519(key.public_key(), signature, message)
+    assert not sealed.verify_ed25519(key.public_key(), signature, message + b"!")
+    assert not sealed.verify_ed25519(Ed25519PrivateKey.generate().public_key(), signature, message)
+    assert not sealed.verify_ed25519(key.public_key(), signature[:-1] + bytes([signature[-1] ^ 1]), message)
+    assert not sealed.verify_ed25519(key.public_key(), signature[:63], message)
+    assert not sealed.verify_ed25519(key.public_key(), bytes(64), message)
