@@ -111,6 +111,28 @@ def device_provision(
     typer.echo(f"provisioned {data_dir} with {manifest.name} v{manifest.version}")
 
 
+@models_app.command("add-tvm-records")
+def models_add_tvm_records(
+    folder: Annotated[Path, typer.Argument(help="a model package folder")],
+    records: Annotated[
+        list[Path], typer.Option("--records", help="a records root or folder from `models.tvm_tuning tune`")
+    ],
+    model: Annotated[str | None, typer.Option(help="the package's ONNX file they are for")] = None,
+) -> None:
+    """Ship TVM tuning records in a package folder (copied in, hashed in the manifest), so devices
+    of that CPU compile with tuned kernels and never tune on the floor."""
+    from models.errors import ModelError
+    from models.tvm_tuning import package_records
+
+    try:
+        manifest = package_records(folder, records, model_file=model)
+    except ModelError as e:
+        _fail(str(e))
+    for entry in manifest.tvm_records:
+        size = sum(manifest.files[name].size for name in entry.file_names)
+        typer.echo(f"{entry.model} on {entry.target}: {size:,} bytes of records")
+
+
 @device_app.command("run")
 def device_run(
     data_dir: DataDirOpt,

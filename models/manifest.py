@@ -20,6 +20,12 @@ MAX_VERSION = 2**63 - 1
 # A calibration set is read whole into memory on the device: keep it a sample, not a data set.
 MAX_CALIBRATION_BYTES = 32 * 1024 * 1024
 MAX_CALIBRATION_SAMPLES = 1024
+# TVM records are schedules, not weights: ~85 KB for the sample CNN, a few hundred KB for a large
+# model. The bounds keep a package from carrying a database the device would inflate and parse.
+MAX_TVM_RECORDS = 16
+MAX_TVM_RECORDS_BYTES = 8 * 1024 * 1024  # one entry's three files
+MAX_TVM_RECORDS_TOTAL_BYTES = 32 * 1024 * 1024
+MAX_TVM_TUNING_BYTES = 256 * 1024  # tuning.json is read whole
 FileName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Precision = Literal["fp32", "fp16", "int8"]
@@ -86,6 +92,28 @@ class Variant(_Strict):
     )
 
 
+class TvmRecords(_Strict):
+    """MetaSchedule records shipped in the package: one ONNX model file tuned for one CPU target.
+
+    Three plain files beside the model (packages are flat), listed in `files` like every file, so
+    the manifest's hashes (and TUF over the manifest) cover them. `python -m models.tvm_tuning
+    package-records` adds them; a device whose target key matches compiles with them.
+    """
+
+    model: FileName = Field(description="the ONNX file they were tuned for: model_file or an ONNX variant")
+    target: str = Field(
+        pattern=r"^[a-z][a-z0-9_]{0,15}-[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="the CPU they were tuned for, as models.tvm_tuning.target_key: <arch>-<mcpu>",
+    )
+    tuning: FileName = Field(description="tuning.json: model sha256, target, TVM version, batch sizes")
+    workloads: FileName = Field(description="MetaSchedule's database_workload.json, gzipped")
+    records: FileName = Field(description="MetaSchedule's database_tuning_record.json, gzipped")
+
+    @property
+    def file_names(self) -> tuple[str, str, str]:
+        return (self.tuning, self.workloads, self.records)
+
+
 class PrecisionPolicy(_Strict):
     """Which precision a device may serve, and what a lower one must prove against fp32 first."""
 
@@ -137,6 +165,11 @@ class Manifest(_Strict):
     variants: list[Variant] = Field(default_factory=list, max_length=16)
     precision: PrecisionPolicy | None = Field(default=None, description="none: serve fp32 only")
     probation: ProbationLimits | None = None
+    tvm_records: list[TvmRecords] = Field(
+        default_factory=list,
+        max_length=MAX_TVM_RECORDS,
+        description="tuned TVM schedules per model file and CPU target; none: TVM uses records roots only",
+    )
     description: str = ""
     files: dict[FileName, FileEntry] = Field(description="every file of the package but the manifest")
 
@@ -145,7 +178,7 @@ class Manifest(_Strict):
     def to_json(self) -> str:
         # Fields added after the first packages are left out while empty, so an older package's
         # manifest reads back byte for byte (its sha256 names it in deltas and TUF targets).
-        exclude = {"variants"} if not self.variants else set()
+        exclude = {name for name in ("variants", "tvm_records") if not getattr(self, name)}
         return self.model_dump_json(by_alias=True, indent=2, exclude_none=True, exclude=exclude) + "\n"
 
 
@@ -181,6 +214,7 @@ def parse_manifest(raw: bytes | str) -> Manifest:
             raise ManifestError(f"manifest field 'files' lacks {name!r}, which the manifest refers to")
     _check_variants(manifest)
     _check_calibration(manifest)
+    _check_tvm_records(manifest)
     return manifest
 
 
@@ -192,6 +226,8 @@ def referenced_files(manifest: Manifest) -> list[str]:
     if manifest.calibration is not None:
         names.append(manifest.calibration.file)
     names.extend(v.file for v in manifest.variants)
+    for entry in manifest.tvm_records:
+        names.extend(entry.file_names)
     return list(dict.fromkeys(names))
 
 
@@ -216,6 +252,53 @@ def _check_calibration(manifest: Manifest) -> None:
         raise ManifestError(
             f"manifest field 'calibration': {manifest.calibration.file} is {size} bytes, over the "
             f"{MAX_CALIBRATION_BYTES} limit; ship fewer samples (a few dozen is enough)"
+        )
+
+
+def _check_tvm_records(manifest: Manifest) -> None:
+    onnx_files = {v.file for v in manifest.variants if v.format is ModelFormat.ONNX}
+    if manifest.format is ModelFormat.ONNX:
+        onnx_files.add(manifest.model_file)
+    # Every file of every entry is its own: a records file shared with another field or entry
+    # would let one edit change what two things mean.
+    owners: dict[str, str] = {manifest.model_file: "model_file"}
+    if manifest.golden is not None:
+        owners.setdefault(manifest.golden.file, "golden")
+    if manifest.calibration is not None:
+        owners.setdefault(manifest.calibration.file, "calibration")
+    for i, variant in enumerate(manifest.variants):
+        owners.setdefault(variant.file, f"variants.{i}")
+    pairs: set[tuple[str, str]] = set()
+    total = 0
+    for i, entry in enumerate(manifest.tvm_records):
+        field = f"manifest field 'tvm_records.{i}'"
+        if entry.model not in onnx_files:
+            raise ManifestError(
+                f"{field}: model {entry.model!r} is not an ONNX model of this package (the model_file "
+                "or an ONNX variant); TVM records are tuned for one of those"
+            )
+        if (entry.model, entry.target) in pairs:
+            raise ManifestError(f"{field}: records for {entry.model} on {entry.target} are listed twice")
+        pairs.add((entry.model, entry.target))
+        for name in entry.file_names:
+            if name in owners:
+                raise ManifestError(
+                    f"{field}: {name!r} is already used by {owners[name]}; give it its own file"
+                )
+            owners[name] = f"tvm_records.{i}"
+        size = sum(manifest.files[name].size for name in entry.file_names)
+        if size > MAX_TVM_RECORDS_BYTES:
+            raise ManifestError(
+                f"{field}: its files are {size} bytes, over the {MAX_TVM_RECORDS_BYTES} limit; ship the "
+                "pruned database (best record per kernel) that models.tvm_tuning tune writes"
+            )
+        if manifest.files[entry.tuning].size > MAX_TVM_TUNING_BYTES:
+            raise ManifestError(f"{field}: {entry.tuning} is over the {MAX_TVM_TUNING_BYTES} byte limit")
+        total += size
+    if total > MAX_TVM_RECORDS_TOTAL_BYTES:
+        raise ManifestError(
+            f"manifest field 'tvm_records': {total} bytes in all, over the {MAX_TVM_RECORDS_TOTAL_BYTES} "
+            "limit; ship records only for the targets the fleet has"
         )
 
 

@@ -21,6 +21,13 @@ Records folder, one per model file and target:
         tuning.json                          what was tuned, how long, best latency per kernel
         database_workload.json.gz            MetaSchedule's JSONDatabase files, gzipped: `gunzip`
         database_tuning_record.json.gz       gives TVM's own format back (best record per kernel)
+
+In a model package (so a fleet rollout carries them, under the manifest's hashes): the same three
+files beside the model, named `<model stem>.tvm-<target key>.{tuning.json,workloads.json.gz,
+records.json.gz}` and listed in the manifest's `tvm_records` (`package-records` puts them there).
+
+`compare` times the tuned model against ONNX Runtime on a machine of the records' target and keeps
+the figures in tuning.json; a device passes TVM over where it was measured slower (registry).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -41,9 +49,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from models.errors import ModelError
+
+if TYPE_CHECKING:
+    from models.manifest import Manifest, TvmRecords
 
 TVM_VERSION = "0.25.0.post1"
 TVM_FFI_VERSION = "0.1.12"
@@ -55,6 +66,11 @@ META_FILE = "tuning.json"
 BUILD_TIMEOUT_S = 120.0
 SURVEY_TRIALS = 16  # per kernel, first pass: plenty for pools and reshapes
 HEAVY_SHARE = 0.05  # kernels with at least this share of the surveyed latency get the rest
+# The records are hash-checked, but gunzip inflates them: a pruned database is a few MB at most.
+MAX_RECORDS_DECODED_BYTES = 64 * 1024 * 1024
+# Where TVM was compared with ONNX Runtime, a device prefers it only when it was this much faster
+# (the engine's precision check holds variants to the same margin over timing noise).
+MIN_SPEEDUP = 1.05
 
 
 class TuningError(ModelError):
@@ -94,6 +110,38 @@ def records_dir(root: Path, model_sha256: str, target: Target) -> Path:
 
 
 @dataclass(frozen=True)
+class RecordsFiles:
+    """The three files of one set of records, wherever they are: a records folder or a package."""
+
+    tuning: Path
+    workloads: Path
+    records: Path
+
+    @classmethod
+    def in_folder(cls, folder: Path) -> RecordsFiles:
+        return cls(folder / META_FILE, folder / RECORDS_FILES[0], folder / RECORDS_FILES[1])
+
+    @classmethod
+    def in_package(cls, package: Path, entry: TvmRecords) -> RecordsFiles:
+        return cls(package / entry.tuning, package / entry.workloads, package / entry.records)
+
+    @property
+    def databases(self) -> tuple[Path, Path]:
+        """The two MetaSchedule files, in RECORDS_FILES order."""
+        return (self.workloads, self.records)
+
+
+def _files(where: Path | RecordsFiles) -> RecordsFiles:
+    return where if isinstance(where, RecordsFiles) else RecordsFiles.in_folder(where)
+
+
+def package_file_names(model_file: str, key: str) -> tuple[str, str, str]:
+    """The names one set of records takes in a package: tuning, workloads, records."""
+    stem = f"{model_file.removesuffix('.onnx')}.tvm-{key}"
+    return (f"{stem}.tuning.json", f"{stem}.workloads.json.gz", f"{stem}.records.json.gz")
+
+
+@dataclass(frozen=True)
 class TuningMeta:
     """`tuning.json`: enough to tell whether a records folder fits a model, a target and a TVM."""
 
@@ -108,10 +156,27 @@ class TuningMeta:
     tuned_on: str
     created: str
     adopted_from: str | None = None  # sha256 of the model the records were tuned on, if not this one
+    onnxruntime: dict[str, Any] | None = None  # a `Comparison` on the target, from `compare`
+
+    @property
+    def comparison(self) -> Comparison | None:
+        if self.onnxruntime is None:
+            return None
+        known = {f.name for f in dataclasses.fields(Comparison)}
+        try:  # like tuning.json itself: fields a newer tool added are ignored, a missing one is not
+            comparison = Comparison(**{k: v for k, v in self.onnxruntime.items() if k in known})
+        except TypeError as e:
+            raise TuningError(f"tuning.json's onnxruntime comparison is invalid ({e}); re-run compare") from e
+        times = (comparison.tvm_ms, comparison.onnxruntime_ms)
+        if not all(isinstance(t, int | float) and not isinstance(t, bool) and t > 0 for t in times):
+            raise TuningError(
+                f"tuning.json's onnxruntime comparison has no positive times {times}; re-run compare"
+            )
+        return comparison
 
     @classmethod
-    def read(cls, folder: Path) -> TuningMeta:
-        path = folder / META_FILE
+    def read(cls, where: Path | RecordsFiles) -> TuningMeta:
+        path = _files(where).tuning
         try:
             data = json.loads(path.read_text())
             # Fields a newer tuner added are ignored; a missing one is an error (TypeError).
@@ -120,8 +185,35 @@ class TuningMeta:
         except (OSError, ValueError, TypeError) as e:
             raise TuningError(f"{path} is missing or invalid ({e}); re-run the tuning step") from e
 
-    def write(self, folder: Path) -> None:
-        (folder / META_FILE).write_text(json.dumps(self.__dict__, indent=2, sort_keys=True) + "\n")
+    def write(self, where: Path | RecordsFiles) -> None:
+        fields = {k: v for k, v in self.__dict__.items() if v is not None}
+        _files(where).tuning.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Tuned TVM against ONNX Runtime on one machine of the records' target, same input, same threads."""
+
+    batch: int
+    threads: int
+    tvm_ms: float  # median over repeats of the median call
+    onnxruntime_ms: float
+    onnxruntime_version: str
+    repeats: int
+    calls: int
+    cpu: str
+    measured: str
+
+    @property
+    def speedup(self) -> float:
+        """ONNX Runtime's time over TVM's: above 1, TVM is faster."""
+        return self.onnxruntime_ms / self.tvm_ms if self.tvm_ms > 0 else 0.0
+
+    def describe(self) -> str:
+        return (
+            f"{self.tvm_ms:.3g} ms vs {self.onnxruntime_ms:.3g} ms per call, batch {self.batch}, "
+            f"{self.threads} thread{'s' if self.threads != 1 else ''}, {self.cpu}, {self.measured[:10]}"
+        )
 
 
 @dataclass(frozen=True)
@@ -222,34 +314,47 @@ def _build_kernel(mod: Any, target: Any, _params: Any) -> Any:
     return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
+def _gunzip(source: Path, target: Path) -> None:
+    """Inflate `source` into `target`, refusing more than MAX_RECORDS_DECODED_BYTES."""
+    written = 0
+    try:
+        with gzip.open(source, "rb") as src, target.open("wb") as dst:
+            while block := src.read(1 << 20):
+                written += len(block)
+                if written > MAX_RECORDS_DECODED_BYTES:
+                    raise TuningError(
+                        f"{source} inflates past {MAX_RECORDS_DECODED_BYTES} bytes; these are not pruned "
+                        "records (models.tvm_tuning tune keeps the best record per kernel)"
+                    )
+                dst.write(block)
+    except (OSError, EOFError) as e:
+        raise TuningError(f"{source} is not a readable gzip file: {e}") from e
+
+
 @contextmanager
-def _records_on_disk(folder: Path) -> Iterator[tuple[str, str]]:
+def _records_on_disk(files: RecordsFiles) -> Iterator[tuple[str, str]]:
     """The gzipped records as plain files for JSONDatabase, which reads them when it is made."""
     with tempfile.TemporaryDirectory(prefix="tvm-records-") as tmp:
         paths = []
-        for name in RECORDS_FILES:
-            source = folder / name
+        for name, source in zip(RECORDS_FILES, files.databases, strict=True):
             if not source.is_file():
-                raise TuningError(f"{source} is missing; the records folder is incomplete")
+                raise TuningError(f"{source} is missing; the records are incomplete")
             target = Path(tmp) / name.removesuffix(".gz")
-            try:
-                with gzip.open(source, "rb") as src, target.open("wb") as dst:
-                    shutil.copyfileobj(src, dst)
-            except (OSError, EOFError) as e:
-                raise TuningError(f"{source} is not a readable gzip file: {e}") from e
+            _gunzip(source, target)
             paths.append(str(target))
         yield paths[0], paths[1]
 
 
-def load_records(folder: Path) -> Any:
-    """The records folder as a MetaSchedule database (in memory; nothing is written back)."""
+def load_records(where: Path | RecordsFiles) -> Any:
+    """A records folder (or a package's records files) as a MetaSchedule database, in memory."""
     from tvm.s_tir import meta_schedule as ms
 
-    with _records_on_disk(folder) as (workloads, records):
+    files = _files(where)
+    with _records_on_disk(files) as (workloads, records):
         try:
             return ms.database.JSONDatabase(workloads, records, allow_missing=False)
         except Exception as e:  # TVM raises its own error types for a malformed line
-            raise TuningError(f"records in {folder} do not parse: {e}") from e
+            raise TuningError(f"records {files.records.name} do not parse: {e}") from e
 
 
 def compile_tuned(prepared: Prepared, target: Target, database: Any) -> Any:
@@ -493,6 +598,203 @@ def adopt(records: Path, model_path: Path, out_root: Path) -> Path:
     return folder
 
 
+def _input_arrays(model_path: Path, batch: int, seed: int) -> dict[str, Any]:
+    """Random inputs of the model's static shapes and dtypes, the same for both runtimes."""
+    import numpy as np
+    import onnx
+
+    model = _load_onnx(model_path)
+    shapes, _ = _static_shapes(model, batch)
+    dtypes = {
+        v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type) for v in model.graph.input
+    }
+    rng = np.random.default_rng(seed)
+    return {name: rng.normal(size=shape).astype(dtypes[name]) for name, shape in shapes.items()}
+
+
+def _median_ms(call: Any, calls: int) -> float:
+    call()  # the first call of a block wakes idle workers; not counted
+    times = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def compare(
+    model_path: Path, records: Path | RecordsFiles, *, batch: int = 1, calls: int = 40, repeats: int = 7
+) -> Comparison:
+    """Time the model compiled with `records` against ONNX Runtime here, on this machine's CPU.
+
+    Only meaningful on a machine of the records' target (refused elsewhere). Both run with TVM's
+    thread count (TVM_NUM_THREADS, read when tvm is first imported); the runtimes alternate within
+    every repeat, so load from other processes hits both alike. Their outputs must agree first.
+    """
+    import numpy as np
+    import onnxruntime as ort
+    import tvm
+    from tvm import relax
+
+    if calls < 1 or repeats < 1:
+        raise TuningError("compare needs at least one call and one repeat")
+    meta = TuningMeta.read(records)
+    here = target_key(host_target())
+    if target_key(meta.target) != here:
+        raise TuningError(
+            f"the records are for {target_key(meta.target)}, this machine is {here}: compare on a "
+            "machine of the records' target, where a device would run them"
+        )
+    sha = sha256_file(model_path)
+    if sha != meta.model_sha256:
+        raise TuningError(
+            f"the records were tuned for sha256 {meta.model_sha256[:12]}, {model_path.name} is {sha[:12]}"
+        )
+    target = host_target()
+    executable = compile_tuned(prepare(model_path, batch, target), target, load_records(records))
+    device = tvm.cpu()
+    vm = relax.VirtualMachine(executable, device)
+    inputs = _input_arrays(model_path, batch, seed=0)
+    names, _ = graph_io(model_path)
+    tvm_inputs = [tvm.runtime.tensor(inputs[name], device) for name in names]
+    threads = int(tvm.runtime.num_threads())
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+    def run_tvm() -> list[Any]:
+        out = vm["main"](*tvm_inputs)
+        return [p.numpy() for p in ([out] if hasattr(out, "numpy") else list(out))]
+
+    def run_ort() -> list[Any]:
+        return list(session.run(None, inputs))
+
+    for got, want in zip(run_tvm(), run_ort(), strict=True):
+        if not np.allclose(got, want, atol=1e-3, rtol=1e-3):
+            worst = float(np.max(np.abs(got.astype(np.float64) - want)))
+            raise TuningError(
+                f"TVM's outputs differ from ONNX Runtime's by up to {worst:.3g}: these records do not "
+                "compile this model faithfully; re-tune it"
+            )
+    tvm_ms: list[float] = []
+    ort_ms: list[float] = []
+    for repeat in range(repeats):
+        pair = [(tvm_ms, run_tvm), (ort_ms, run_ort)]
+        for times, call in pair if repeat % 2 == 0 else reversed(pair):
+            times.append(_median_ms(call, calls))
+    return Comparison(
+        batch=batch,
+        threads=threads,
+        tvm_ms=round(statistics.median(tvm_ms), 4),
+        onnxruntime_ms=round(statistics.median(ort_ms), 4),
+        onnxruntime_version=str(ort.__version__),
+        repeats=repeats,
+        calls=calls,
+        cpu=_cpu_name(),
+        measured=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+
+
+def record_comparison(records: Path | RecordsFiles, comparison: Comparison) -> None:
+    """Keep `comparison` in the records' tuning.json (a package that ships them must be rebuilt)."""
+    meta = TuningMeta.read(records)
+    dataclasses.replace(meta, onnxruntime=dataclasses.asdict(comparison)).write(records)
+
+
+def _records_folders(model_sha: str, sources: Sequence[Path]) -> list[Path]:
+    """Records folders for one model: each source is a records folder or a records root."""
+    folders: list[Path] = []
+    for source in sources:
+        if (source / META_FILE).is_file():
+            folders.append(source)
+            continue
+        found = sorted(p for p in (source / model_sha).glob("*") if (p / META_FILE).is_file())
+        if not found:
+            raise TuningError(
+                f"no records for sha256 {model_sha[:12]} under {source}: give a records folder or a root "
+                "holding <sha256>/<target key>/; tune the model (or adopt another version's records) first"
+            )
+        folders.extend(found)
+    return folders
+
+
+def copy_records_into(package: Path, model_file: str, sources: Sequence[Path]) -> list[dict[str, str]]:
+    """Copy the records for `package/model_file` from `sources` into the package folder.
+
+    Returns the `tvm_records` entries for them (manifest JSON); the caller writes the manifest.
+    Refuses records tuned for other bytes than the model file's, or two sets for one target.
+    """
+    sha = sha256_file(package / model_file)
+    entries: dict[str, dict[str, str]] = {}
+    for folder in _records_folders(sha, sources):
+        meta = TuningMeta.read(folder)
+        if meta.model_sha256 != sha:
+            raise TuningError(
+                f"{folder} holds records for sha256 {meta.model_sha256[:12]}, {model_file} is {sha[:12]}: "
+                "adopt them for this file first (python -m models.tvm_tuning adopt)"
+            )
+        key = target_key(meta.target)
+        if key in entries:
+            raise TuningError(f"two records folders for {model_file} on {key}; give one")
+        files = RecordsFiles.in_folder(folder)
+        names = package_file_names(model_file, key)
+        for source, name in zip((files.tuning, *files.databases), names, strict=True):
+            if not source.is_file():
+                raise TuningError(f"{source} is missing; the records folder is incomplete")
+            shutil.copyfile(source, package / name)
+        tuning, workloads, records = names
+        entries[key] = {
+            "model": model_file,
+            "target": key,
+            "tuning": tuning,
+            "workloads": workloads,
+            "records": records,
+        }
+    return [entries[key] for key in sorted(entries)]
+
+
+def package_records(package: Path, sources: Sequence[Path], *, model_file: str | None = None) -> Manifest:
+    """Ship records in a package folder: copy them in, list them in `tvm_records`, rewrite the manifest.
+
+    Entries already there for the same model file and target are replaced (their old files removed);
+    the package is verified before and after, so only a whole, hashed package comes out.
+    """
+    from models.package import verify_package, write_manifest
+
+    manifest = verify_package(package)
+    model = model_file or manifest.model_file
+    if model not in manifest.files:
+        raise TuningError(f"{model} is not a file of the package {package}")
+    added = copy_records_into(package, model, sources)
+    replaced = {(e["model"], e["target"]) for e in added}
+    kept = [e for e in manifest.tvm_records if (e.model, e.target) not in replaced]
+    stale = {
+        name
+        for e in manifest.tvm_records
+        if (e.model, e.target) in replaced
+        for name in e.file_names
+        if name not in {n for a in added for n in (a["tuning"], a["workloads"], a["records"])}
+    }
+    fields = manifest.model_dump(mode="json", by_alias=True, exclude={"files"})
+    fields["tvm_records"] = sorted(
+        [e.model_dump(mode="json") for e in kept] + added, key=lambda e: (e["model"], e["target"])
+    )
+    files = [name for name in manifest.files if name not in stale]
+    try:
+        write_manifest(package, fields, files)
+    except ModelError:
+        # The manifest was not rewritten: take back the files this call copied in.
+        for entry in added:
+            for key in ("tuning", "workloads", "records"):
+                if entry[key] not in manifest.files:
+                    (package / entry[key]).unlink(missing_ok=True)
+        raise
+    for name in stale:
+        (package / name).unlink(missing_ok=True)
+    return verify_package(package)
+
+
 def _ffi_version() -> str:
     import tvm_ffi
 
@@ -545,11 +847,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     a.add_argument("model", type=Path, help="the new model file")
     a.add_argument("--records", type=Path, required=True, help="the tuned model's records folder")
     a.add_argument("--out", type=Path, required=True, help="records root to add the new folder to")
+    m = sub.add_parser(
+        "compare", help="time tuned TVM against ONNX Runtime here and keep the figures in tuning.json"
+    )
+    m.add_argument("model", type=Path)
+    m.add_argument("--records", type=Path, required=True, help="the records folder (tuned for this CPU)")
+    m.add_argument("--batch", type=int, default=1)
+    m.add_argument("--threads", type=int, default=None, help="TVM and ONNX Runtime threads (default: TVM's)")
+    m.add_argument("--calls", type=int, default=40, help="calls per timing block (default 40)")
+    m.add_argument("--repeats", type=int, default=7, help="alternating blocks per runtime (default 7)")
+    m.add_argument("--dry-run", action="store_true", help="print the figures, leave tuning.json as it is")
+    p = sub.add_parser(
+        "package-records", help="ship records in a model package folder (rewrites its manifest)"
+    )
+    p.add_argument("package", type=Path, help="the package folder (manifest.json and its files)")
+    p.add_argument(
+        "--records",
+        type=Path,
+        action="append",
+        required=True,
+        help="a records folder, or a root holding <sha256>/<target key>/ (repeatable)",
+    )
+    p.add_argument("--model", default=None, help="the model file they are for (default: model_file)")
     args = parser.parse_args(argv)
     try:
         if args.command == "adopt":
             print(adopt(args.records, args.model, args.out))
             return 0
+        if args.command == "compare":
+            return _compare_command(args)
+        if args.command == "package-records":
+            return _package_records_command(args)
         target = _parse_target(args.target)
         if args.command == "tune":
             folder = tune(
@@ -570,6 +898,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TuningError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _compare_command(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if "tvm" in sys.modules:
+            raise TuningError("--threads must be set before TVM is imported; run compare in its own process")
+        # TVM's thread pool reads this once, when the runtime starts.
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    result = compare(args.model, args.records, batch=args.batch, calls=args.calls, repeats=args.repeats)
+    verdict = "faster" if result.speedup >= 1 else "slower"
+    print(f"TVM vs ONNX Runtime: {result.describe()}: TVM is {verdict} ({result.speedup:.2f}x its speed)")
+    if not args.dry_run:
+        record_comparison(args.records, result)
+        print(f"kept in {RecordsFiles.in_folder(args.records).tuning}; re-run package-records for packages")
+    return 0
+
+
+def _package_records_command(args: argparse.Namespace) -> int:
+    from models.package import MANIFEST
+
+    before = (args.package / MANIFEST).stat().st_size if (args.package / MANIFEST).is_file() else 0
+    manifest = package_records(args.package, args.records, model_file=args.model)
+    for entry in manifest.tvm_records:
+        size = sum(manifest.files[name].size for name in entry.file_names)
+        print(f"{entry.model} on {entry.target}: {', '.join(entry.file_names)} ({size} bytes)")
+    grown = (args.package / MANIFEST).stat().st_size - before
+    print(f"{manifest.name} v{manifest.version}: manifest rewritten ({grown:+d} bytes)")
     return 0
 
 

@@ -3,6 +3,12 @@
 Each backend that was passed over keeps its reason, so the status API can say why. Backend modules
 are imported only when the registry builds them, so a runtime that is missing or broken on this
 machine costs one pass-over reason, never the registry.
+
+A backend may also know that it could run a model but should not be preferred for it here: TVM
+whose records were measured slower than ONNX Runtime on this CPU. It says so through an optional
+`preference_reason(model_path, manifest, profile)`, which the registry asks in its own order (pin
+or not: a measurement is not a setting); an explicit backend list from the caller (tests,
+benchmarks) is taken as the caller's choice and not asked.
 """
 
 import importlib
@@ -92,6 +98,14 @@ class UnavailableBackend:
         raise EngineError(f"{self.name} cannot load models here: {self.reason}")
 
 
+def preference_reason(
+    backend: Backend, model_path: Path, manifest: Manifest, profile: HardwareProfile
+) -> str | None:
+    """The backend's reason to step aside for the next one, if it has that check (TVM has)."""
+    check = getattr(backend, "preference_reason", None)
+    return check(model_path, manifest, profile) if callable(check) else None
+
+
 def build_backend(name: str, factories: dict[str, tuple[str, str, tuple[str, ...]]] | None = None) -> Backend:
     """Import and construct one backend by name; an import failure becomes an `UnavailableBackend`."""
     table = FACTORIES if factories is None else factories
@@ -153,6 +167,8 @@ def select_and_load(
             continue
         backend = build_backend(candidate) if isinstance(candidate, str) else candidate
         reason = backend.unavailable_reason(profile, manifest)
+        if reason is None and backends is None:
+            reason = preference_reason(backend, model_path, manifest, profile)
         if reason is not None:
             passed_over[name] = reason
             continue

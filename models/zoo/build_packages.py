@@ -10,6 +10,11 @@ Each package also gets `calibration.npz` (64 sample images, the same in every ve
 carries it for free) and `model.int8.onnx`, the static QDQ int8 variant quantized on it
 (models/zoo/quantize.py). A device serves the variant only after it agrees with fp32 on the golden
 and calibration inputs and is faster there (device/engine/precision.py).
+
+And the TVM records committed under `surface_defect/tvm/<model sha256>/<target key>/` for its
+model.onnx ship in it (manifest `tvm_records`, ~85 KB per target), so a rollout carries them and a
+device of that CPU never tunes. Their tuning.json holds TVM's comparison with ONNX Runtime there;
+where TVM was slower (x86_64-znver3 here), devices keep ONNX Runtime (device/engine/registry.py).
 """
 
 import argparse
@@ -22,11 +27,13 @@ import onnxruntime as ort
 
 from models.manifest import Manifest
 from models.package import hash_file, write_manifest
+from models.tvm_tuning import copy_records_into
 from models.zoo.quantize import SETTINGS, compare, logits, quantize_int8
 from models.zoo.surface_data import CLASSES, MEAN, SIZE, STD, make_dataset, to_input
 
 ROOT = Path(__file__).resolve().parent / "surface_defect"
 REPORT = ROOT / "int8_report.json"
+TVM_RECORDS = ROOT / "tvm"  # records root: <model sha256>/<target key>/
 GOLDEN_COUNT = 8
 GOLDEN_SEED = 4242
 # Seeds apart from training (1, 2), the held-out test set (99) and the golden vectors (4242).
@@ -95,6 +102,7 @@ def build(folder: Path, version: int, refresh_golden: bool = False) -> Manifest:
             }
         ],
         "precision": {"prefer": "int8", "min_agreement": MIN_AGREEMENT},
+        "tvm_records": copy_records_into(folder, "model.onnx", [TVM_RECORDS]),
     }
     return write_manifest(folder, fields, ["model.onnx", "golden.npz"])
 

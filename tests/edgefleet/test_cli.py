@@ -67,3 +67,27 @@ def test_rollout_status_renders_progress_and_phases() -> None:
     assert lines[0] == "rollout c1  surface-defect v2  running"
     assert lines[1] == "[" + "#" * 15 + "." * 15 + "] 50%"
     assert lines[3].split() == ["all", "active", "3/3", "offered;", "1", "failed,", "2", "in", "progress"]
+
+
+def test_add_tvm_records_ships_them_in_a_package_and_refuses_a_wrong_model(zoo: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    package = tmp_path / "pkg"
+    shutil.copytree(zoo / "v1", package)
+    manifest = json.loads((package / "manifest.json").read_text())
+    for entry in manifest.pop("tvm_records", []):  # start from a package without records
+        for field in ("tuning", "workloads", "records"):
+            manifest["files"].pop(entry[field])
+            (package / entry[field]).unlink()
+    (package / "manifest.json").write_text(json.dumps(manifest))
+    runner = CliRunner()
+    result = runner.invoke(app, ["models", "add-tvm-records", str(package), "--records", str(zoo / "tvm")])
+    assert result.exit_code == 0, result.output
+    assert "model.onnx on x86_64-znver3" in result.output
+    assert runner.invoke(app, ["models", "verify", str(package)]).exit_code == 0
+    refused = runner.invoke(
+        app,
+        ["models", "add-tvm-records", str(package), "--records", str(zoo / "tvm"), "--model", "nope.onnx"],
+    )
+    assert refused.exit_code != 0 and "nope.onnx" in refused.output
