@@ -208,16 +208,20 @@ class FleetWorker:
         worker_id: str = "fleet-0",
         open_processes: int = 0,
         requests_in_flight: int = MAX_REQUESTS_IN_FLIGHT,
+        telemetry_only: bool = False,
     ) -> None:
         """`open_processes`: child processes that open sealed telemetry (0: in this process's ingest
         thread). One worker process and its children use as many cores; so do that many workers.
-        `requests_in_flight`: chunk and metadata requests answered at once."""
+        `requests_in_flight`: chunk and metadata requests answered at once.
+        `telemetry_only`: only the telemetry link (an extra ingest worker, `fleet/ingest_process.py`);
+        state, health, statuses and chunk requests stay with the fleet's main worker."""
         if requests_in_flight < 1:
             raise ValueError("requests_in_flight must be at least 1")
         self.service = service
         self.host = host
         self.port = port
         self.worker_id = worker_id
+        self.telemetry_only = telemetry_only
         self.connected = asyncio.Event()
         self.handled: Counter[str] = Counter()  # messages per leaf, to see how workers split the load
         # Per device: seqs stored (or already held) and seqs refused for good, not yet told to it.
@@ -254,7 +258,12 @@ class FleetWorker:
             asyncio.create_task(self.reports.run()),
         ]
         try:
-            await self._connect_loop()
+            if self.telemetry_only:
+                await self.link_ready.wait()
+                self.connected.set()
+                await asyncio.gather(*helpers)
+            else:
+                await self._connect_loop()
         finally:
             for task in [*helpers, *self._answering]:
                 task.cancel()
@@ -303,6 +312,8 @@ class FleetWorker:
         try:
             if link is not None and link.connected:
                 await link.publish(topic, encode(ack))
+            elif self.telemetry_only:
+                raise LinkError("the telemetry link is down")
             else:
                 await self.publish(topic, encode(ack), 1)
         except (aiomqtt.MqttError, LinkError, TimeoutError) as e:  # the device resends; we receipt it then

@@ -231,3 +231,50 @@ def test_records_sealed_to_a_key_the_fleet_dropped_are_sealed_again_not_lost(tmp
     assert rig.sender is not None and rig.sender.rekeyed > 0 and rig.sender.refused_by_fleet == 0
     assert len(refreshes) >= 1
     assert rig.service.telemetry_counts["rejected: UnknownKeyError"] > 0, "counted at the fleet"
+
+
+def test_an_extra_ingest_process_takes_a_share_and_stores_each_record_once(tmp_path: Path) -> None:
+    """`fleet serve --ingest-workers 1`'s child: a telemetry-only worker in its own process (its own
+    core) beside the fleet's main worker, on the same shared subscription and database."""
+    import subprocess
+    import sys
+
+    rig = Rig(tmp_path)
+    rig.broker.start()
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fleet.ingest_process",
+            str(rig.data.root),
+            rig.service.broker_url,
+            "ingest-1",
+            "-v",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+    async def scenario() -> None:
+        async with running(rig):
+            await until("the ingest process to subscribe", lambda: _subscribed(rig, "ingest-1"), 30)
+            rig.produce(300)
+            await until("all 300 records", lambda: len(rig.stored_seqs()) == 300, 120)
+            await until("the outbox to drain", lambda: rig.outbox.stats().pending == 0, 60)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        child.terminate()
+        output, _ = child.communicate(timeout=30)
+        rig.broker.stop()
+    assert child.returncode == 0, output
+    assert sorted(rig.stored_seqs()) == list(range(1, 301)), "each record stored once"
+    handled = int(output.split("ingest-1: handled ")[1].split()[0])
+    assert 0 < handled < 300 + 50, f"the ingest process should take a share: {output[-500:]}"
+
+
+def _subscribed(rig: Rig, worker_id: str) -> bool:
+    log = rig.data.broker / "mosquitto.log"
+    return log.exists() and f"edgefleet-{worker_id}-telemetry" in log.read_text()
