@@ -6,12 +6,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint typecheck unit e2e fuzz mosquitto cross-gcc models clean
+.PHONY: demo test lint typecheck unit e2e fuzz mosquitto cross-gcc s3rver models clean
 
 demo: $(STAMP) mosquitto
 	$(BIN)/edgefleet demo
 
-test: $(STAMP) mosquitto cross-gcc lint typecheck
+test: $(STAMP) mosquitto cross-gcc s3rver lint typecheck
 	$(BIN)/pytest
 
 lint: $(STAMP)
@@ -24,7 +24,7 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -m "not e2e"
 
-e2e: $(STAMP) mosquitto
+e2e: $(STAMP) mosquitto s3rver
 	$(BIN)/pytest -m e2e
 
 # The parsers and both APIs, fuzzed for longer than in `make test` (HYPOTHESIS_PROFILE=fuzz).
@@ -36,7 +36,7 @@ fuzz: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[device,fleet,dev,tvm]'
+	$(BIN)/python -m pip install --quiet -e '.[device,fleet,dev,tvm,s3]'
 	touch $(STAMP)
 
 # Debian's Mosquitto, only where it is missing (it lives in /usr/sbin, which may not be on PATH).
@@ -60,3 +60,10 @@ models: $(STAMP)
 
 clean:
 	rm -rf demo-run .pytest_cache .mypy_cache .ruff_cache
+
+# s3rver (npm), a real S3-compatible server for the artifact-store tests; Debian's npm where missing.
+s3rver:
+	@test -x .s3rver/node_modules/.bin/s3rver || { \
+	  command -v npm >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nodejs npm >/dev/null; }; \
+	  echo "installing s3rver@3.7.1 into .s3rver/"; \
+	  npm install --prefix .s3rver --no-audit --no-fund --silent s3rver@3.7.1 >/dev/null; }

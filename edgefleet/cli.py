@@ -273,9 +273,40 @@ def fleet_serve(
         bool, typer.Option(help="serve the JSON API over HTTPS (fleet-CA certificate)")
     ] = False,
     chunk_size: Annotated[int, typer.Option(help="bytes per update chunk")] = 256 * 1024,
+    artifact_store: Annotated[
+        str | None,
+        typer.Option(
+            help="keep model archives and deltas in s3://BUCKET[/PREFIX] (keys: AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or DATA_DIR/secrets/s3-credentials); omit for DATA_DIR/artifacts/",
+            envvar="EDGEFLEET_ARTIFACT_STORE",
+        ),
+    ] = None,
+    s3_endpoint_url: Annotated[
+        str | None,
+        typer.Option(
+            help="URL of an S3-compatible store (MinIO, Ceph...); omit for AWS",
+            envvar="EDGEFLEET_S3_ENDPOINT_URL",
+        ),
+    ] = None,
+    s3_region: Annotated[
+        str | None, typer.Option(help="the bucket's region", envvar="EDGEFLEET_S3_REGION")
+    ] = None,
+    artifact_cache_mb: Annotated[
+        int, typer.Option(help="local disk cache of S3 artifacts, in MiB (least recently used out first)")
+    ] = 2048,
+    ingest_workers: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=64,
+            help="extra telemetry ingest processes (one core each) beside the fleet's own worker; "
+            "keep their number stable: each keeps a broker session",
+        ),
+    ] = 0,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Run the fleet server (with its own Mosquitto unless --broker-url is given)."""
+    from fleet.artifacts import StoreOptions
     from fleet.errors import FleetError
     from fleet.server import ServeOptions, run_server
 
@@ -293,6 +324,8 @@ def fleet_serve(
                 broker_tls=broker_tls,
                 broker_names=tuple(broker_name or ()),
                 api_tls=api_tls,
+                artifacts=StoreOptions(artifact_store, s3_endpoint_url, s3_region, artifact_cache_mb),
+                ingest_workers=ingest_workers,
             )
         )
     except FleetError as e:

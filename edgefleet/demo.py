@@ -33,6 +33,7 @@ class FleetProcess:
     http_port: int = field(default_factory=free_port)
     broker_port: int = field(default_factory=free_port)
     broker_tls: bool = True  # False: plain TCP with passwords (the update benchmark's simulator)
+    ingest_workers: int = 0  # `fleet serve --ingest-workers`
     child: Child | None = None
     client: FleetClient | None = None
 
@@ -55,6 +56,8 @@ class FleetProcess:
                 "--chunk-size",
                 str(64 * 1024),
                 "--broker-tls" if self.broker_tls else "--no-broker-tls",
+                "--ingest-workers",
+                str(self.ingest_workers),
             ],
             self.root.parent / "logs" / "fleet.log",
         )

@@ -14,6 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
+from fleet.artifacts import ArtifactStoreError
 from fleet.campaigns import Action, CampaignDriver
 from fleet.enrollment_api import add_enrollment_routes
 from fleet.errors import Conflict, InvalidRequest, NotFound
@@ -92,7 +93,8 @@ def create_app(service: FleetService, token: str, campaigns: CampaignDriver | No
             )
 
     Auth = Depends(require_token)
-    for error, status in ((NotFound, 404), (Conflict, 409), (InvalidRequest, 422)):
+    # ArtifactStoreError: the bucket refused or could not be reached (say so, and retry later).
+    for error, status in ((NotFound, 404), (Conflict, 409), (InvalidRequest, 422), (ArtifactStoreError, 503)):
 
         async def handler(_: Request, e: Exception, status: int = status) -> JSONResponse:
             return JSONResponse({"error": str(e)}, status_code=status)

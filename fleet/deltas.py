@@ -1,7 +1,8 @@
-"""Package deltas between registered versions, built once on demand and kept beside the artifacts.
+"""Package deltas between registered versions, built once on demand and kept in the artifact store.
 
 Building costs seconds of CPU per pair (much more for large models), so each (from, to) pair is
-built at most once and then served from disk; concurrent builders of one pair are serialised.
+built at most once and then served from the store (`fleet/artifacts.py`: the data dir's folder, or
+an S3 bucket other fleet servers share); concurrent builders of one pair are serialised.
 `BackgroundBuilds` builds them ahead of a rollout (when a version is registered or a device reports
 running an older one), so a rollout's POST does not wait on one.
 """
@@ -14,18 +15,19 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fleet.artifacts import ArtifactStore, archive_key, delta_key
 from models.package import hash_file, unpack
 from models.package_delta import build_package_delta, read_index
 
 log = logging.getLogger(__name__)
 
-_locks: dict[Path, threading.Lock] = {}
+_locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
 
 
 @dataclass(frozen=True)
 class DeltaArtifact:
-    path: Path
+    key: str  # in the artifact store
     base_version: int
     base_manifest_sha256: str
     manifest_sha256: str
@@ -34,31 +36,39 @@ class DeltaArtifact:
 
 
 def delta_path(artifacts: Path, model_name: str, base_version: int, version: int) -> Path:
-    return artifacts / model_name / "deltas" / f"{base_version}-{version}.pdelta"
+    """Where the folder store keeps a delta (`artifacts/<name>/deltas/<from>-<to>.pdelta`)."""
+    return artifacts / delta_key(model_name, base_version, version)
 
 
-def _lock_for(path: Path) -> threading.Lock:
+def _lock_for(name: str) -> threading.Lock:
     with _locks_guard:
-        return _locks.setdefault(path, threading.Lock())
+        return _locks.setdefault(name, threading.Lock())
 
 
-def package_delta(
-    artifacts: Path, model_name: str, base_version: int, base_archive: Path, version: int, archive: Path
-) -> DeltaArtifact:
-    """The delta from `base_archive` to `archive`, built now if it is not on disk yet."""
-    path = delta_path(artifacts, model_name, base_version, version)
-    with _lock_for(path):
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as tmp:
-                base, target = Path(tmp) / "base", Path(tmp) / "target"
+def package_delta(store: ArtifactStore, model_name: str, base_version: int, version: int) -> DeltaArtifact:
+    """The delta from `base_version` to `version`, built now if the store does not hold it yet.
+
+    Built ones go to the store, so another fleet server on the same bucket (or this one after it
+    lost its disk) finds them instead of building them again.
+    """
+    key = delta_key(model_name, base_version, version)
+    with _lock_for(store.url(key)):
+        if not store.exists(key):
+            with (
+                store.local_file(archive_key(model_name, base_version)) as base_archive,
+                store.local_file(archive_key(model_name, version)) as archive,
+                tempfile.TemporaryDirectory(dir=store.scratch, prefix=".build-") as tmp,
+            ):
+                base, target, out = Path(tmp) / "base", Path(tmp) / "target", Path(tmp) / "out.pdelta"
                 unpack(base_archive, base)
                 unpack(archive, target)
-                build_package_delta(base, target, path)
-    index = read_index(path)
-    entry = hash_file(path)
+                build_package_delta(base, target, out)
+                store.put(key, out, move=True)
+        with store.local_file(key) as path:
+            index = read_index(path)
+            entry = hash_file(path)
     return DeltaArtifact(
-        path=path,
+        key=key,
         base_version=index.base.version,
         base_manifest_sha256=index.base.manifest_sha256,
         manifest_sha256=index.target.manifest_sha256,

@@ -477,10 +477,11 @@ class FleetWorker:
 
     async def _answer(self, device_id: str, leaf: str, payload: bytes) -> None:
         """A chunk or a TUF metadata file for the device that asked. Both are read from files the
-        page cache holds (chunk_for remembers where an update's payload lies), so on the loop."""
+        page cache holds (chunk_for remembers where an update's payload lies), so on the loop;
+        a chunk of an S3 artifact not cached on this fleet's disk is fetched in a thread."""
         try:
             if leaf == topics.CHUNK_REQUEST:
-                frame = self.service.chunk_for(device_id, decode(ChunkRequest, payload))
+                frame = await self.service.answer_chunk(device_id, decode(ChunkRequest, payload))
                 if frame is None:
                     return
                 answer = topics.CMD_CHUNK

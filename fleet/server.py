@@ -1,9 +1,12 @@
-"""`edgefleet fleet serve`: the managed broker, the MQTT worker and the JSON API in one process."""
+"""`edgefleet fleet serve`: the managed broker, the MQTT worker and the JSON API in one process
+(plus `--ingest-workers` telemetry ingest processes beside it)."""
 
 import asyncio
 import contextlib
 import logging
 import signal
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +16,7 @@ import uvicorn
 
 from fleet import key_rotation
 from fleet.api import create_app
+from fleet.artifacts import StoreOptions, open_store
 from fleet.broker import ManagedBroker
 from fleet.campaigns import CampaignDriver
 from fleet.db import open_database
@@ -20,6 +24,7 @@ from fleet.mqtt_worker import FleetWorker
 from fleet.retention import RetentionPolicy, prune
 from fleet.service import FleetService
 from fleet.store import FleetDataDir
+from protocol.backoff import backoff_delay
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,11 @@ class ServeOptions:
     broker_tls: bool = True
     broker_names: tuple[str, ...] = ()  # host names/addresses devices use for the broker (its cert's SAN)
     api_tls: bool = False  # serve the API over HTTPS with a fleet-CA certificate (tickets carry the CA)
+    # Where archives and deltas live: the data dir's artifacts/ (default) or an S3-compatible bucket.
+    artifacts: StoreOptions = field(default_factory=StoreOptions)
+    # Extra telemetry ingest workers, each a process of its own (fleet/ingest_process.py): one more
+    # core for opening sealed records. 0: the fleet's own worker ingests alone.
+    ingest_workers: int = 0
 
 
 class _Server(uvicorn.Server):
@@ -53,6 +63,8 @@ class _Server(uvicorn.Server):
 async def serve(options: ServeOptions, stop: asyncio.Event) -> None:
     data = FleetDataDir(options.data_dir)
     data.make_dirs()
+    # Checked first: a wrong bucket or refused credentials stop the fleet before it starts anything.
+    artifacts = await asyncio.to_thread(open_store, options.artifacts, data)
     broker: ManagedBroker | None = None
     if options.broker_url is None:
         tls = data.ca().broker_tls(options.broker_names) if options.broker_tls else None
@@ -62,7 +74,8 @@ async def serve(options: ServeOptions, stop: asyncio.Event) -> None:
         broker_url = broker.url
     else:
         broker_url = options.broker_url
-    service = FleetService(data, open_database(data.database), broker_url, options.chunk_size)
+    service = FleetService(data, open_database(data.database), broker_url, options.chunk_size, artifacts)
+    await asyncio.to_thread(service.check_artifacts)
     service.write_broker_auth()
     if broker is not None:
         await asyncio.to_thread(broker.start)
@@ -91,6 +104,10 @@ async def serve(options: ServeOptions, stop: asyncio.Event) -> None:
     tasks.append(asyncio.create_task(campaigns.run(), name="campaigns"))
     if broker is not None:
         tasks.append(asyncio.create_task(_supervise_broker(broker, options.broker_check_s), name="broker"))
+    for i in range(1, options.ingest_workers + 1):
+        tasks.append(
+            asyncio.create_task(_ingest_worker(data, broker_url, f"fleet-ingest-{i}"), name=f"ingest-{i}")
+        )
     try:
         log.info("fleet API on http://%s:%d, broker %s", options.http_host, options.http_port, broker_url)
         done, _ = await asyncio.wait(
@@ -155,6 +172,32 @@ async def _supervise_broker(broker: ManagedBroker, every_s: float) -> None:
             await asyncio.to_thread(broker.start)
         except Exception:
             log.exception("could not restart mosquitto; trying again in %.0f s", every_s)
+
+
+async def _ingest_worker(data: FleetDataDir, broker_url: str, worker_id: str) -> None:
+    """Run one extra ingest worker process, and again (after a pause) whenever it exits; stop it
+    when cancelled. Its id is stable across restarts: the broker keeps its session and its share
+    of the telemetry for it meanwhile."""
+    attempt = 0
+    while True:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "fleet.ingest_process", str(data.root), broker_url, worker_id
+        )
+        started = time.monotonic()
+        try:
+            code = await process.wait()
+        except asyncio.CancelledError:
+            if process.returncode is None:
+                process.terminate()
+                try:
+                    await asyncio.wait_for(process.wait(), 10)
+                except TimeoutError:
+                    process.kill()
+            raise
+        attempt = 0 if time.monotonic() - started > 60 else attempt + 1
+        delay = backoff_delay(attempt, base=1.0, cap=30.0)
+        log.error("ingest worker %s exited with code %s; starting it again in %.1f s", worker_id, code, delay)
+        await asyncio.sleep(delay)
 
 
 def run_server(options: ServeOptions) -> None:

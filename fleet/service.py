@@ -7,7 +7,6 @@ The API and the MQTT worker are thin shells over this class. Publishing goes thr
 import asyncio
 import functools
 import logging
-import shutil
 import tempfile
 import threading
 import time
@@ -23,8 +22,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, defer, sessionmaker
 
 from fleet import broker_auth, maintenance, rollouts
+from fleet.artifacts import ArtifactStore, ArtifactStoreError, FolderStore, archive_key, delta_key
 from fleet.db import Device, ModelVersion, TelemetryRecordRow, Update, UpdateEvent
-from fleet.deltas import BackgroundBuilds, DeltaArtifact, delta_path, package_delta
+from fleet.deltas import BackgroundBuilds, DeltaArtifact, package_delta
 from fleet.errors import Conflict, InvalidRequest, NotFound
 from fleet.field_tokens import FieldTokens
 from fleet.ingest import Arrival, TelemetryIngest
@@ -76,10 +76,14 @@ class _ChunkSource:
     """Where one update's payloads lie: what chunk_for needs, so a chunk costs no database query."""
 
     device_id: str
-    package: Path
+    package: str  # artifact keys
     package_size: int
-    delta: Path | None
+    delta: str | None
     delta_size: int
+
+
+class _NeedsNetwork:
+    """A chunk the artifact store cannot read without waiting on the network."""
 
 
 Report = tuple[str, DeviceState | Health | UpdateStatus]  # (the topic's device id, what it sent)
@@ -105,8 +109,14 @@ class FleetService:
         sessions: sessionmaker[Session],
         broker_url: str,
         chunk_size: int = 256 * 1024,
+        artifacts: ArtifactStore | None = None,
     ) -> None:
         self.data = data
+        # Archives and deltas: the data dir's artifacts/ folder, or an S3 bucket (fleet/artifacts.py).
+        self.artifacts = artifacts or FolderStore(data.artifacts)
+        self.artifact_errors: Counter[str] = Counter()  # chunk requests not answered, per reason
+        self._artifact_error_logged: dict[str, float] = {}
+        self._register_lock = threading.Lock()
         self.sessions = sessions
         self.broker_url = broker_url
         self.chunk_size = chunk_size
@@ -230,45 +240,79 @@ class FleetService:
             except ModelError as e:
                 raise InvalidRequest(f"not a valid model package: {e}") from e
         digest = hash_file(archive)
-        with self.sessions.begin() as s:
-            existing = s.scalars(
-                select(ModelVersion).where(
-                    ModelVersion.name == manifest.name, ModelVersion.version == manifest.version
+        key = archive_key(manifest.name, manifest.version)
+        # One registration at a time: the upload happens outside the database transaction (it may
+        # take minutes to a remote store), and two of one version must not overwrite each other.
+        with self._register_lock:
+            with self.sessions() as s:
+                existing = s.scalars(
+                    select(ModelVersion).where(
+                        ModelVersion.name == manifest.name, ModelVersion.version == manifest.version
+                    )
+                ).first()
+                known = (existing.sha256, self._model_view(existing)) if existing is not None else None
+            if known is not None:
+                if known[0] != digest.sha256:
+                    raise Conflict(
+                        f"{manifest.name} v{manifest.version} exists with other bytes; bump the version"
+                    )
+                if not self.artifacts.exists(key):  # lost from the store: pushing it again restores it
+                    self.artifacts.put(key, archive, sha256=digest.sha256)
+                return known[1]
+            self.artifacts.put(key, archive, sha256=digest.sha256)
+            with self.sessions.begin() as s:
+                row = ModelVersion(
+                    name=manifest.name,
+                    version=manifest.version,
+                    sha256=digest.sha256,
+                    size=digest.size,
+                    path=self.artifacts.url(key),
+                    manifest=manifest.model_dump(mode="json", by_alias=True),
                 )
-            ).first()
-            if existing is not None:
-                if existing.sha256 == digest.sha256:
-                    return self._model_view(existing)
-                raise Conflict(
-                    f"{manifest.name} v{manifest.version} exists with other bytes; bump the version"
-                )
-            target = self.data.artifacts / manifest.name / f"{manifest.version}.tar"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(archive, target)
-            row = ModelVersion(
-                name=manifest.name,
-                version=manifest.version,
-                sha256=digest.sha256,
-                size=digest.size,
-                path=str(target),
-                manifest=manifest.model_dump(mode="json", by_alias=True),
-            )
-            s.add(row)
-            s.flush()
-            # Listed in TUF last: a device can only ever be offered what the registry holds.
-            self.tuf.add_target(
-                target,
-                archive_target_name(manifest.name, manifest.version),
-                {
-                    "model": manifest.name,
-                    "version": manifest.version,
-                    "format": "package-tar",
-                    "manifest_sha256": manifest_digest,
-                },
-            )
-            view = self._model_view(row)
+                s.add(row)
+                s.flush()
+                # Listed in TUF last: a device can only ever be offered what the registry holds.
+                with self.artifacts.local_file(key) as stored:
+                    self.tuf.add_target(
+                        stored,
+                        archive_target_name(manifest.name, manifest.version),
+                        {
+                            "model": manifest.name,
+                            "version": manifest.version,
+                            "format": "package-tar",
+                            "manifest_sha256": manifest_digest,
+                        },
+                    )
+                view = self._model_view(row)
         self._registered(manifest.name, manifest.version)
         return view
+
+    def check_artifacts(self) -> dict[str, list[str]]:
+        """At start: every registered archive must be in the store. One the store lacks but the data
+        dir's artifacts/ folder holds (a fleet moved from the folder to S3) is uploaded; one found
+        nowhere is logged, with what to do, and its chunks will fail until it is pushed again."""
+        with self.sessions() as s:
+            rows = s.execute(select(ModelVersion.name, ModelVersion.version, ModelVersion.sha256)).all()
+        legacy = FolderStore(self.data.artifacts)
+        found: dict[str, list[str]] = {"uploaded": [], "missing": []}
+        for name, version, sha256 in rows:
+            key = archive_key(name, version)
+            if self.artifacts.exists(key):
+                continue
+            if not isinstance(self.artifacts, FolderStore) and legacy.exists(key):
+                with legacy.local_file(key) as path:
+                    self.artifacts.put(key, path, sha256=sha256)
+                found["uploaded"].append(key)
+                log.info("uploaded %s from the data dir to %s", key, self.artifacts.url(key))
+            else:
+                found["missing"].append(key)
+                log.error(
+                    "registered %s v%d is not in the artifact store (%s): push the same package again",
+                    name,
+                    version,
+                    self.artifacts.url(key),
+                )
+        return found
 
     def list_models(self) -> list[dict[str, Any]]:
         with self.sessions() as s:
@@ -301,6 +345,12 @@ class FleetService:
         for base_version, base_row in {b.version: b for b in bases.values() if b is not None}.items():
             deltas[base_version] = await asyncio.to_thread(self._delta_payload, base_row, model)
         created = await asyncio.to_thread(self._create_updates, model, bases, deltas)
+        # Devices ask for chunks as soon as they have their offer: have the payloads on disk by then.
+        for base_version, delta in deltas.items():
+            if delta is not None:
+                self.artifacts.prefetch(delta_key(model.name, base_version, model.version))
+        if any(base is None or deltas.get(base.version) is None for base in bases.values()):
+            self.artifacts.prefetch(archive_key(model.name, model.version))
         await self._send_offers(created)
         return await asyncio.to_thread(self._update_views, [u.id for u in created])
 
@@ -416,15 +466,8 @@ class FleetService:
     def _delta_payload(self, base: ModelVersion, model: ModelVersion) -> DeltaPayload | None:
         """The package delta from `base` to `model`, or None when it would not save bytes or fails."""
         try:
-            artifact = package_delta(
-                self.data.artifacts,
-                model.name,
-                base.version,
-                Path(base.path),
-                model.version,
-                Path(model.path),
-            )
-        except ModelError as e:
+            artifact = package_delta(self.artifacts, model.name, base.version, model.version)
+        except (ModelError, ArtifactStoreError) as e:
             log.warning("no delta %s v%d -> v%d: %s", model.name, base.version, model.version, e)
             return None
         if artifact.size >= model.size:
@@ -448,23 +491,27 @@ class FleetService:
             self._list_delta(model, artifact)
 
     def _list_delta(self, model: ModelVersion, artifact: DeltaArtifact) -> None:
-        self.tuf.add_target(
-            Path(model.path),
-            archive_target_name(model.name, model.version),
-            {
-                "model": model.name,
-                "version": model.version,
-                "format": "package-tar",
-                "manifest_sha256": artifact.manifest_sha256,
-            },
-            deltas={artifact.base_version: artifact.path},
-            delta_custom={
-                artifact.base_version: {
-                    "base_manifest_sha256": artifact.base_manifest_sha256,
+        with (
+            self.artifacts.local_file(archive_key(model.name, model.version)) as archive,
+            self.artifacts.local_file(artifact.key) as delta,
+        ):
+            self.tuf.add_target(
+                archive,
+                archive_target_name(model.name, model.version),
+                {
+                    "model": model.name,
+                    "version": model.version,
+                    "format": "package-tar",
                     "manifest_sha256": artifact.manifest_sha256,
-                }
-            },
-        )
+                },
+                deltas={artifact.base_version: delta},
+                delta_custom={
+                    artifact.base_version: {
+                        "base_manifest_sha256": artifact.base_manifest_sha256,
+                        "manifest_sha256": artifact.manifest_sha256,
+                    }
+                },
+            )
 
     def _offer(self, update_id: str, model: ModelVersion, delta: DeltaPayload | None = None) -> UpdateOffer:
         metadata = UpdateMetadata(
@@ -834,22 +881,55 @@ class FleetService:
         }
 
     def chunk_for(self, device_id: str, request: ChunkRequest) -> bytes | None:
-        """The frame answering a chunk request, read from the artifact; None for a request not allowed."""
+        """The frame answering a chunk request, read from the artifact; None for a request not allowed
+        or an artifact the store cannot give (logged, counted in `artifact_errors`; the device asks
+        again after its timeout, and other updates are served meanwhile)."""
+        frame = self._chunk(device_id, request, wait=True)
+        assert not isinstance(frame, _NeedsNetwork)
+        return frame
+
+    async def answer_chunk(self, device_id: str, request: ChunkRequest) -> bytes | None:
+        """`chunk_for` for the event loop: a chunk on the fleet's disk (the folder store, the S3
+        store's cache) is read here; one that needs the network (an S3 cache miss) in a thread."""
+        frame = self._chunk(device_id, request, wait=False)
+        if isinstance(frame, _NeedsNetwork):
+            return await asyncio.to_thread(self.chunk_for, device_id, request)
+        return frame
+
+    def _chunk(self, device_id: str, request: ChunkRequest, *, wait: bool) -> bytes | _NeedsNetwork | None:
         source = self._chunk_source(request.update_id)
         if source is None or source.device_id != device_id:
             return None
         if request.payload == "delta":
             if source.delta is None:
                 return None
-            path, total = source.delta, source.delta_size
+            key, total = source.delta, source.delta_size
         else:
-            path, total = source.package, source.package_size
+            key, total = source.package, source.package_size
         if request.offset >= total:
             return None
-        with open(path, "rb") as f:
-            f.seek(request.offset)
-            data = f.read(min(request.length, total - request.offset))
+        length = min(request.length, total - request.offset)
+        try:
+            if wait:
+                data: bytes | None = self.artifacts.read(key, request.offset, length)
+            else:
+                data = self.artifacts.read_local(key, request.offset, length)
+                if data is None:
+                    return _NeedsNetwork()
+        except ArtifactStoreError as e:
+            self._artifact_error(key, e)
+            return None
+        assert data is not None
         return encode_chunk(Chunk(update_id=request.update_id, offset=request.offset, total=total, data=data))
+
+    def _artifact_error(self, key: str, error: ArtifactStoreError) -> None:
+        """Count every failed chunk; log each artifact's failure once a minute, not once per chunk."""
+        self.artifact_errors[type(error).__name__] += 1
+        now = time.monotonic()
+        last = self._artifact_error_logged.get(key)
+        if last is None or now - last >= 60.0:
+            self._artifact_error_logged[key] = now
+            log.error("cannot serve chunks of %s: %s", key, error)
 
     def _chunk_source(self, update_id: str) -> _ChunkSource | None:
         """Where an update's payloads lie, from the database once and then from memory (a rollout of
@@ -868,13 +948,12 @@ class FleetService:
             delta = update.offer["update"].get("delta")
             source = _ChunkSource(
                 device_id=update.device_id,
-                package=Path(model.path),
+                package=archive_key(model.name, model.version),
                 package_size=model.size,
-                delta=delta_path(self.data.artifacts, model.name, delta["base_version"], model.version)
-                if delta
-                else None,
+                delta=delta_key(model.name, delta["base_version"], model.version) if delta else None,
                 delta_size=int(delta["size"]) if delta else 0,
             )
+        self.artifacts.prefetch(source.delta or source.package)  # after a restart: to disk, once
         with self._chunk_sources_lock:
             self._chunk_sources[update_id] = source
             while len(self._chunk_sources) > CHUNK_SOURCES_CACHED:

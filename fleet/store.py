@@ -14,7 +14,8 @@ class FleetDataDir:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.database = root / "fleet.sqlite"
-        self.artifacts = root / "artifacts"
+        self.artifacts = root / "artifacts"  # the folder artifact store (fleet/artifacts.py)
+        self.artifact_cache = root / "artifact-cache"  # the S3 store's local copies, bounded
         self.broker = root / "broker"
         self.secrets = root / "secrets"
         self.telemetry_key_path = self.secrets / "telemetry-x25519.pem"

@@ -34,8 +34,8 @@ class CountingService(FleetService):
     outage_after_chunks = 0
     outage = asyncio.Event()
 
-    def chunk_for(self, device_id: str, request: ChunkRequest) -> bytes | None:
-        frame = super().chunk_for(device_id, request)
+    async def answer_chunk(self, device_id: str, request: ChunkRequest) -> bytes | None:
+        frame = await super().answer_chunk(device_id, request)
         if frame is not None:
             self.served_chunks += 1
             self.served_bytes += min(request.length, CHUNK)
