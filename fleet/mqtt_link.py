@@ -80,12 +80,14 @@ def varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _string(s: str | bytes) -> bytes:
+def string_field(s: str | bytes) -> bytes:
+    """An MQTT UTF-8 string or binary field: 2-byte length, then the bytes."""
     raw = s.encode() if isinstance(s, str) else s
     return _U16.pack(len(raw)) + raw
 
 
-def _packet(first: int, body: bytes) -> bytes:
+def packet(first: int, body: bytes) -> bytes:
+    """A whole packet: the first byte, the remaining length, the body."""
     if len(body) > MAX_PACKET:
         raise ValueError(f"MQTT packet of {len(body)} bytes exceeds the broker's {MAX_PACKET}")
     return bytes([first]) + varint(len(body)) + body
@@ -140,25 +142,29 @@ def connect_packet(options: LinkOptions) -> bytes:
         + bytes([PROP_RECEIVE_MAXIMUM])
         + _U16.pack(options.receive_maximum)
     )
-    body = _string("MQTT") + bytes([5, flags]) + _U16.pack(options.keepalive_s) + varint(len(props)) + props
-    body += _string(options.client_id) + _string(options.username)
+    body = (
+        string_field("MQTT") + bytes([5, flags]) + _U16.pack(options.keepalive_s) + varint(len(props)) + props
+    )
+    body += string_field(options.client_id) + string_field(options.username)
     if options.password is not None:
-        body += _string(options.password)
-    return _packet(CONNECT << 4, body)
+        body += string_field(options.password)
+    return packet(CONNECT << 4, body)
 
 
 def subscribe_packet(packet_id: int, filters: Iterable[str], qos: int = 1) -> bytes:
-    body = _U16.pack(packet_id) + b"\x00" + b"".join(_string(f) + bytes([qos]) for f in filters)
-    return _packet(SUBSCRIBE << 4 | 0x02, body)
+    body = _U16.pack(packet_id) + b"\x00" + b"".join(string_field(f) + bytes([qos]) for f in filters)
+    return packet(SUBSCRIBE << 4 | 0x02, body)
 
 
 def unsubscribe_packet(packet_id: int, filters: Iterable[str]) -> bytes:
-    return _packet(UNSUBSCRIBE << 4 | 0x02, _U16.pack(packet_id) + b"\x00" + b"".join(map(_string, filters)))
+    return packet(
+        UNSUBSCRIBE << 4 | 0x02, _U16.pack(packet_id) + b"\x00" + b"".join(map(string_field, filters))
+    )
 
 
 def publish_packet(topic: str, payload: bytes, packet_id: int) -> bytes:
     """A QoS 1 PUBLISH with no properties."""
-    return _packet(PUBLISH << 4 | 0x02, _string(topic) + _U16.pack(packet_id) + b"\x00" + payload)
+    return packet(PUBLISH << 4 | 0x02, string_field(topic) + _U16.pack(packet_id) + b"\x00" + payload)
 
 
 def puback_packets(packet_ids: Iterable[int]) -> bytes:

@@ -11,25 +11,10 @@ import asyncio
 import struct
 from collections.abc import Callable, Iterable
 
+from fleet.mqtt_link import packet as _packet
+from fleet.mqtt_link import string_field as _string
+
 CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK = 1, 2, 3, 4, 8, 9
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _string(s: str | bytes) -> bytes:
-    raw = s.encode() if isinstance(s, str) else s
-    return struct.pack(">H", len(raw)) + raw
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _varint(len(body)) + body
 
 
 def connect_packet(client_id: str, username: str, password: str, keepalive: int = 0) -> bytes:

@@ -35,6 +35,7 @@ from protocol.frames import decode_chunk
 from protocol.messages import ChunkRequest, UpdateOffer, decode
 from protocol.targets import archive_target_name, delta_target_name
 from tests.fleet.test_artifacts_s3server import ACCESS_KEY, SECRET_KEY, S3Server, running_s3_server
+from tests.fleet.test_service import recording_publishes
 from tests.health_reports import health_report
 
 MODEL = "surface-defect"
@@ -93,17 +94,11 @@ def s3_fleet(s3_server: S3Server, aws_env: pytest.MonkeyPatch, tmp_path: Path) -
         data = FleetDataDir(tmp_path / name)
         data.make_dirs()
         options = StoreOptions(f"s3://{bucket}/fleet-a", s3_server.endpoint, cache_mb=cache_mb)
-        service = FleetService(
-            data, open_database(data.database), "mqtt://127.0.0.1:1883", 4096, open_store(options, data)
+        return recording_publishes(
+            FleetService(
+                data, open_database(data.database), "mqtt://127.0.0.1:1883", 4096, open_store(options, data)
+            )
         )
-        sent: list[tuple[str, bytes]] = []
-
-        async def publish(topic: str, payload: bytes, qos: int) -> None:
-            sent.append((topic, payload))
-
-        service.publish = publish
-        service.sent = sent  # type: ignore[attr-defined]
-        return service
 
     return make
 

@@ -3,7 +3,7 @@ persistence), and against a scripted server for the packet shapes a broker may s
 
 import asyncio
 import struct
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 
 import aiomqtt
@@ -17,6 +17,7 @@ from fleet.mqtt_link import LinkError, LinkOptions, MqttLink, publish_packet, va
 from fleet.service import FleetService
 from fleet.store import FleetDataDir
 from protocol import topics
+from tests.integration.test_telemetry_link import until
 
 TELEMETRY = topics.shared(topics.all_devices(topics.TELEMETRY))
 Received = list[tuple[str, bytes, int | None]]
@@ -61,17 +62,6 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
         yield rig
     finally:
         rig.broker.stop()
-
-
-async def until(what: str, check: Callable[[], bool], timeout: float = 10) -> None:
-    async def poll() -> None:
-        while not check():
-            await asyncio.sleep(0.02)
-
-    try:
-        await asyncio.wait_for(poll(), timeout)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 async def connected(options: LinkOptions, received: Received) -> MqttLink:

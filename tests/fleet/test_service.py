@@ -38,7 +38,13 @@ from tests.health_reports import health_report
 def service(tmp_path: Path) -> FleetService:
     data = FleetDataDir(tmp_path / "fleet")
     data.make_dirs()
-    service = FleetService(data, open_database(data.database), "mqtt://127.0.0.1:1883", chunk_size=4096)
+    return recording_publishes(
+        FleetService(data, open_database(data.database), "mqtt://127.0.0.1:1883", chunk_size=4096)
+    )
+
+
+def recording_publishes(service: FleetService) -> FleetService:
+    """The service with what it publishes kept in `service.sent` as (topic, payload), no broker."""
     sent: list[tuple[str, bytes]] = []
 
     async def publish(topic: str, payload: bytes, qos: int) -> None:
