@@ -122,9 +122,8 @@ def open_one(
     device_key: Ed25519PublicKey | None,
 ) -> Opened:
     """Open and check one envelope from `device_id`'s topic, whose pinned key is `device_key`."""
-    seq = _receipt_seq(envelope, device_id)
     if device_key is None:
-        return ("deferred", seq, NOT_PINNED, "")
+        return ("deferred", _receipt_seq(envelope, device_id), NOT_PINNED, "")
     try:
         # The envelope must name the topic's device: another device's record is not this one's to send.
         opened = open_sealed(
@@ -132,7 +131,7 @@ def open_one(
         )
         record = decode(TelemetryRecord, opened.record)
     except (ProtocolError, ModelError) as e:
-        return ("rejected", seq, f"rejected: {type(e).__name__}", str(e))
+        return ("rejected", _receipt_seq(envelope, device_id), f"rejected: {type(e).__name__}", str(e))
     return ("ok", opened.seq, record.kind, record.ts, record.body)
 
 

@@ -199,6 +199,8 @@ class MqttLink:
         self._server_receive_maximum = 65535
         self._closed = False
         self._session: asyncio.Task[None] | None = None
+        self._last_read = 0.0  # loop time of the last bytes from the broker
+        self._holding = False  # True while `room` holds reading back
 
     @property
     def connected(self) -> bool:
@@ -237,6 +239,7 @@ class MqttLink:
         self._server_receive_maximum = maximum if isinstance(maximum, int) else 65535
         self._send_slots = asyncio.Semaphore(self._server_receive_maximum)
         # Reading starts now: SUBACKs and messages of a resumed session arrive from here on.
+        self._last_read = asyncio.get_running_loop().time()
         self._session = asyncio.create_task(self._serve())
 
     async def _read_packet(self) -> tuple[int, bytes]:
@@ -325,9 +328,18 @@ class MqttLink:
             self._fail_waiting()
 
     async def _ping_loop(self) -> None:
+        """PINGREQ every keepalive/2; a broker silent for 1.5 keepalives (no PINGRESP, nothing) is
+        gone, even where TCP has not noticed: drop the connection so the owner reconnects. Silence
+        while the owner holds reading back (`room`) is ours, not the broker's."""
         interval = max(1.0, self.options.keepalive_s / 2)
         while True:
             await asyncio.sleep(interval)
+            silent = asyncio.get_running_loop().time() - self._last_read
+            if not self._holding and silent > 1.5 * self.options.keepalive_s:
+                log.warning("the broker sent nothing for %.0f s; dropping the connection", silent)
+                if self._writer is not None:
+                    self._writer.transport.abort()
+                return
             self._write(b"\xc0\x00")
 
     async def _read_loop(self) -> None:
@@ -337,10 +349,14 @@ class MqttLink:
         on_publish = self.on_publish
         unpack16 = _U16.unpack_from
         room = self.room
+        loop = asyncio.get_running_loop()
         while True:
             if room is not None:
+                self._holding = True
                 await room()
+                self._holding = False
             chunk = await reader.read(READ_BLOCK)
+            self._last_read = loop.time()
             if not chunk:
                 return
             buffer = buffer + chunk if buffer else chunk

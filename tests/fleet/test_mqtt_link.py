@@ -307,3 +307,27 @@ def test_a_refused_subscription_is_an_error_naming_the_filter() -> None:
         server.close()
 
     asyncio.run(scenario())
+
+
+def test_a_broker_that_goes_silent_is_dropped_after_one_and_a_half_keepalives() -> None:
+    """A half-open connection (no PINGRESP, nothing) must not leave the fleet waiting forever."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)  # CONNECT
+        writer.write(CONNACK_WITH_PROPERTIES)
+        await writer.drain()
+        while await reader.read(1024):  # swallow PINGREQs, answer nothing
+            pass
+
+    async def scenario() -> float:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        link = MqttLink(LinkOptions("127.0.0.1", port, "x", "u", "p", keepalive_s=2), lambda *_: None)
+        await link.connect()
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(LinkError):
+            await asyncio.wait_for(link.run(), 10)
+        server.close()
+        return asyncio.get_running_loop().time() - started
+
+    assert 2.5 < asyncio.run(scenario()) < 6
