@@ -139,7 +139,10 @@ class Agent:
             batching = self.config.batching.get(name)
             if batching is not None:
                 self.engine.configure_batching(
-                    name, BatchConfig(batching.max_batch, batching.max_wait_ms, batching.max_queue)
+                    name,
+                    BatchConfig(
+                        batching.max_batch, batching.max_wait_ms, batching.max_queue, batching.workers
+                    ),
                 )
             self.engine.serve(serving)
             log.info(

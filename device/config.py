@@ -21,9 +21,13 @@ class ModelBatching(BaseModel):
     """The micro-batcher of one model (device/engine/batcher.py BatchConfig)."""
 
     model_config = ConfigDict(extra="forbid")
-    max_batch: int = Field(default=1, ge=1, le=1024, description="rows grouped per run (1: off)")
+    # 16 with no wait groups only requests already waiting: +26-32% items/s under 16 clients, no
+    # added latency when idle (bench/engine/RESULTS.md). Only a model whose inputs all have a
+    # dynamic first dimension is stacked; others run one request at a time whatever this says.
+    max_batch: int = Field(default=16, ge=1, le=1024, description="rows grouped per run (1: off)")
     max_wait_ms: float = Field(default=0.0, ge=0, le=100, description="how long a batch may wait to fill")
     max_queue: int = Field(default=32, ge=1, le=100_000, description="requests waiting before 503")
+    workers: int = Field(default=1, ge=1, le=64, description="engine calls in flight (ONNX Runtime only)")
 
 
 class PlantSignal(BaseModel):

@@ -160,9 +160,13 @@ def device_serve(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8081,
     token_file: Annotated[Path | None, typer.Option(help="API token file (made, 0600, if missing)")] = None,
-    max_batch: Annotated[int, typer.Option(help="rows the micro-batcher groups per run (1: off)")] = 1,
+    max_batch: Annotated[int, typer.Option(help="rows the micro-batcher groups per run (1: off)")] = 16,
     max_wait_ms: Annotated[float, typer.Option(help="how long a batch may wait to fill")] = 0.0,
     max_queue: Annotated[int, typer.Option(help="requests waiting before new ones get 503")] = 32,
+    workers: Annotated[
+        int,
+        typer.Option(help="engine calls in flight at once (ONNX Runtime only; >1 for unbatchable models)"),
+    ] = 1,
 ) -> None:
     """Serve one model through the engine and the local API (Open Inference Protocol v2), no fleet."""
     import uvicorn
@@ -175,7 +179,9 @@ def device_serve(
 
     try:
         engine, serving = load_for_serving(model, backend, precision)
-        engine.configure_batching(serving.manifest.name, BatchConfig(max_batch, max_wait_ms, max_queue))
+        engine.configure_batching(
+            serving.manifest.name, BatchConfig(max_batch, max_wait_ms, max_queue, workers)
+        )
     except (DeviceError, ModelError, ValueError) as e:
         _fail(str(e))
     token = api_token(token_file)

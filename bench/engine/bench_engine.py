@@ -1,19 +1,25 @@
 """Engine and v2 endpoint benchmarks, side by side with the raw runtime, in one run.
 
     .venv/bin/python bench/engine/bench_engine.py [--model PATH] [--repeats 3] [--seconds 6]
-        [--threads N] [--server-path DIR]
+        [--threads N] [--precision auto|fp32|int8] [--parts overhead,latency,throughput]
+        [--served 1:0,16:0,16:2,4:0] [--server-path DIR]
 
 1. Engine overhead: `engine.run` vs `onnxruntime.InferenceSession.run` on the same model file with
    the same session options, batch 1, in alternating blocks so that drift hits both alike.
 2. Latency added by the v2 HTTP endpoint: one client, one request at a time, batch 1, binary
    tensors (and JSON, and Triton's own client, for comparison), against the raw in-process run.
 3. Served throughput: 16 concurrent clients, batch 1 each, against the raw runtime's best in-process
-   throughput at any batch size (the ceiling), with micro-batching off and on.
+   throughput at any batch size, called by one thread or several at once (the ceiling), with
+   micro-batching off and on, and with one or two engine calls in flight.
 
 Besides wall time, CPU time is counted (the server's from /proc, the clients' and the raw runs'
 from this process): on a shared machine it is far steadier than wall time, and on 2 cores it is
-what bounds served throughput. Servers run as child processes (bench/engine/serve.py); clients run
-in this process. Raw runs go to bench/engine/results.json (or --out).
+what bounds served throughput. The CPU other processes took during each throughput run (from
+/proc/stat) and the load average are recorded beside it. Servers run as child processes
+(bench/engine/serve.py); clients run in this process. Raw runs go to bench/engine/results.json (or
+--out).
+
+Every server and every raw run use the same model file: the precision is decided once (pinned.py).
 """
 
 import argparse
@@ -25,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,8 +43,8 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 from loadgen import http_request, run_load  # beside this script
+from pinned import PRECISIONS, load_pinned, served_file
 
-from device.standalone import load_for_serving
 from edgefleet.procs import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,13 +52,27 @@ DEFAULT_MODEL = ROOT / "models" / "zoo" / "surface_defect" / "v1"
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 CLIENTS = 16
 WARMUP_CALLS = 20
-SERVED_CONFIGS = {  # label -> (max_batch, max_wait_ms)
-    "batching off": (1, 0.0),
-    "batching on, max_batch 16, wait 0 ms": (16, 0.0),
-    "batching on, max_batch 16, wait 2 ms": (16, 2.0),
-    "batching on, max_batch 4, wait 0 ms": (4, 0.0),
-}
+DEFAULT_SERVED = "1:0,16:0,16:2,4:0,16:0:2"  # max_batch:max_wait_ms[:workers] per served configuration
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def served_configs(spec: str) -> dict[str, tuple[int, float, int]]:
+    """`--served` as label -> (max_batch, max_wait_ms, workers)."""
+    configs = {}
+    for item in spec.split(","):
+        batch, wait, workers = ([*item.split(":"), "", ""])[:3]
+        max_batch, max_wait, n = int(batch), float(wait or 0), int(workers or 1)
+        label = (
+            "batching off" if max_batch == 1 else f"batching on, max_batch {max_batch}, wait {max_wait:g} ms"
+        )
+        configs[label + (f", {n} workers" if n > 1 else "")] = (max_batch, max_wait, n)
+    return configs
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds all processes spent on all cores (user, nice, system, irq, softirq, steal)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (fields[0] + fields[1] + fields[2] + fields[5] + fields[6] + fields[7]) * TICK_S
 
 
 def process_cpu_s(pid: int) -> float:
@@ -125,27 +146,19 @@ def paired(
     }
 
 
-def engine_overhead(model: Path, threads: int, blocks: int) -> dict[str, Any]:
+def engine_overhead(model: Path, precision: str, threads: int, blocks: int) -> dict[str, Any]:
     """engine.run against InferenceSession.run on the engine's own session (one thread pool, no
     session-to-session differences), an A/A run of that session against itself for the noise floor,
     and the engine's cost in µs on a model that costs next to nothing."""
-    import dataclasses
-
-    from device.engine.engine import Engine
     from device.standalone import manifest_for_bare_onnx
 
-    probed, loaded = load_for_serving(model, "onnxruntime-cpu")
-    probed.close()
-    # The backend sizes its thread pool from the profile's core count.
-    engine = Engine(dataclasses.replace(probed.profile, cpu_count=threads), pinned="onnxruntime-cpu")
-    serving = engine.prepare(loaded.folder, loaded.manifest)
-    engine.serve(serving)
+    engine, serving = load_pinned(model, precision, threads)
     session = serving.model._session  # type: ignore[attr-defined]  # the very session the engine runs
     spec = serving.manifest.inputs[0]
     shape = [1 if d == -1 else d for d in spec.shape]
     feed = {spec.name: np.random.default_rng(0).normal(size=shape).astype(spec.dtype)}
     name = serving.manifest.name
-    out: dict[str, Any] = {"model": str(model), "threads": threads}
+    out: dict[str, Any] = {"model": str(model), "threads": threads, "precision": precision}
     out["engine_vs_raw"] = paired(lambda: session.run(None, feed), lambda: engine.run(name, feed), blocks, 40)
     out["raw_vs_raw"] = paired(lambda: session.run(None, feed), lambda: session.run(None, feed), blocks, 40)
     with tempfile.TemporaryDirectory() as tmp:
@@ -160,22 +173,51 @@ def engine_overhead(model: Path, threads: int, blocks: int) -> dict[str, Any]:
     return out
 
 
-def ceiling(session: ort.InferenceSession, name: str, seconds_each: float) -> dict[str, dict[str, float]]:
-    """Items/s and CPU ms per item of the raw session at each batch size."""
-    rates = {}
-    for batch in BATCH_SIZES:
-        feed = {name: np.random.default_rng(batch).normal(size=(batch, 3, 64, 64)).astype(np.float32)}
-        session.run(None, feed)
-        calls, start, cpu = 0, time.perf_counter(), time.process_time()
-        while (elapsed := time.perf_counter() - start) < seconds_each:
+def raw_rate(
+    session: ort.InferenceSession, name: str, batch: int, seconds: float, callers: int = 1
+) -> dict[str, float]:
+    """Items/s and CPU ms per item of the raw session at `batch`, run by `callers` threads at once
+    (ONNX Runtime's run may be called concurrently), and the other jobs' CPU meanwhile."""
+    feed = {name: np.random.default_rng(batch).normal(size=(batch, 3, 64, 64)).astype(np.float32)}
+    session.run(None, feed)
+    calls = [0] * callers
+    start, cpu, busy = time.perf_counter(), time.process_time(), busy_cpu_s()
+    stop = start + seconds
+
+    def loop(i: int) -> None:
+        while time.perf_counter() < stop:
             session.run(None, feed)
-            calls += 1
-        items = calls * batch
-        rates[str(batch)] = {
-            "items_s": items / elapsed,
-            "cpu_ms_item": (time.process_time() - cpu) / items * 1e3,
-        }
-    return rates
+            calls[i] += 1
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(1, callers)]
+    for thread in threads:
+        thread.start()
+    loop(0)
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu
+    items = sum(calls) * batch
+    return {
+        "items_s": items / elapsed,
+        "cpu_ms_item": cpu / items * 1e3,
+        "other_cpu_cores": max(0.0, busy_cpu_s() - busy - cpu) / elapsed,
+    }
+
+
+def ceiling_key(batch: int, callers: int) -> str:
+    return str(batch) if callers == 1 else f"{batch}x{callers}"
+
+
+def ceiling(
+    session: ort.InferenceSession, name: str, seconds_each: float, callers: list[int]
+) -> dict[str, dict[str, float]]:
+    """Items/s and CPU ms per item of the raw session at each batch size, for each number of callers."""
+    return {
+        ceiling_key(batch, n): raw_rate(session, name, batch, seconds_each, n)
+        for n in callers
+        for batch in BATCH_SIZES
+    }
 
 
 @dataclass
@@ -186,14 +228,17 @@ class Server:
 
 
 @contextmanager
-def server(model: Path, max_batch: int, max_wait_ms: float, args: argparse.Namespace) -> Iterator[Server]:
+def server(
+    model: Path, max_batch: int, max_wait_ms: float, workers: int, args: argparse.Namespace
+) -> Iterator[Server]:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         token_file = Path(tmp) / "token"
         cmd = [sys.executable, str(ROOT / "bench" / "engine" / "serve.py"), "--model", str(model)]
         cmd += ["--port", str(port), "--token-file", str(token_file), "--http", args.http]
         cmd += ["--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--max-queue", "64"]
-        cmd += ["--threads", str(args.threads)]
+        cmd += ["--workers", str(workers)]
+        cmd += ["--threads", str(args.threads), "--precision", args.served_precision]
         env = dict(os.environ)
         if args.server_path:  # e.g. a folder with httptools and uvloop, which uvicorn then picks up
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.server_path, env.get("PYTHONPATH")]))
@@ -310,34 +355,84 @@ def latencies(server: Server, model_name: str, session: ort.InferenceSession, n:
     return out
 
 
+def batching_counts(srv: Server) -> tuple[int, float]:
+    """Engine calls made and rows they carried so far, from the server's status."""
+    status = httpx.get(
+        f"http://127.0.0.1:{srv.port}/api/status",
+        headers={"Authorization": f"Bearer {srv.token}"},
+        timeout=10,
+    ).json()
+    batching = status["batching"]
+    return batching["batches"], (batching["mean_batch_rows"] or 0.0) * batching["batches"]
+
+
+def throughput(
+    args: argparse.Namespace,
+    srv: Server,
+    request: bytes,
+    ceiling: dict[str, Any],
+    session: ort.InferenceSession,
+) -> dict[str, Any]:
+    run_load(srv.port, request, CLIENTS, seconds=1.0, warmup_s=0.0)
+    # The raw runtime at this repeat's best batch size just before and just after the served run (the
+    # server idles meanwhile): the ceiling under the same load from other jobs, which moves by tens
+    # of percent within a minute on a shared machine.
+    best = max(ceiling["ceiling"], key=lambda b: ceiling["ceiling"][b]["items_s"])
+    best_batch, _, callers = best.partition("x")
+    beside = [raw_rate(session, "image", int(best_batch), args.seconds / 3, int(callers or 1))]
+    batches, rows = batching_counts(srv)
+    load_before = os.getloadavg()[0]
+    busy, here, there = busy_cpu_s(), time.process_time(), process_cpu_s(srv.pid)
+    load = run_load(srv.port, request, CLIENTS, args.seconds, warmup_s=0.0)
+    here, there = time.process_time() - here, process_cpu_s(srv.pid) - there
+    busy = busy_cpu_s() - busy
+    batches_after, rows_after = batching_counts(srv)
+    beside.append(raw_rate(session, "image", int(best_batch), args.seconds / 3, int(callers or 1)))
+    answered = max(1, sum(load.statuses.values()))
+    items_s = load.ok / load.elapsed_s
+    paired = statistics.mean(r["items_s"] for r in beside)
+    result = {
+        "items_s": items_s,
+        "of_ceiling": items_s / ceiling["ceiling_best"],
+        "ceiling_beside": {"raw": best, "items_s": paired, "runs": beside},
+        "of_ceiling_beside": items_s / paired,
+        "statuses": load.statuses,
+        "cpu_ms_server": there / answered * 1e3,
+        "cpu_ms_clients": here / answered * 1e3,
+        "mean_batch_rows": (rows_after - rows) / max(1, batches_after - batches),
+        # Cores' worth of CPU that neither the server nor the clients used: the other jobs' share.
+        "other_cpu_cores": max(0.0, busy - here - there) / load.elapsed_s,
+        "load_average": [load_before, os.getloadavg()[0]],
+        **quantiles_ms(load.latencies_s),
+    }
+    # What a CPU-saturated machine would serve, relative to the raw runtime at its cheapest:
+    # steadier than the wall-clock ratio when other jobs share the cores.
+    spent = result["cpu_ms_server"] + result["cpu_ms_clients"]
+    result["of_ceiling_by_cpu"] = ceiling["ceiling_cpu_ms_item"] / spent
+    # The same with the clients elsewhere, as on a device whose callers are other machines.
+    result["of_ceiling_by_server_cpu"] = ceiling["ceiling_cpu_ms_item"] / result["cpu_ms_server"]
+    return result
+
+
 def one_repeat(args: argparse.Namespace, model_name: str, session: ort.InferenceSession) -> dict[str, Any]:
     one = np.random.default_rng(1).normal(size=(1, 3, 64, 64)).astype(np.float32)
-    result: dict[str, Any] = {"ceiling": ceiling(session, "image", args.ceiling_seconds)}
-    result["ceiling_best"] = max(r["items_s"] for r in result["ceiling"].values())
-    result["ceiling_cpu_ms_item"] = min(r["cpu_ms_item"] for r in result["ceiling"].values())
+    result: dict[str, Any] = {}
+    if "throughput" in args.parts:
+        result["ceiling"] = ceiling(session, "image", args.ceiling_seconds, args.ceiling_callers)
+        result["ceiling_best"] = max(r["items_s"] for r in result["ceiling"].values())
+        result["ceiling_cpu_ms_item"] = min(r["cpu_ms_item"] for r in result["ceiling"].values())
     served: dict[str, Any] = {}
-    for label, (max_batch, wait) in SERVED_CONFIGS.items():
-        with server(args.model, max_batch, wait, args) as srv:
-            if max_batch == 1:  # one request at a time: the same with either batch setting
+    configs = served_configs(args.served)
+    if "throughput" not in args.parts:  # one server for the latency part alone
+        configs = {label: c for label, c in configs.items() if c[0] == 1} or {"batching off": (1, 0.0, 1)}
+    for label, (max_batch, wait, workers) in configs.items():
+        with server(args.model, max_batch, wait, workers, args) as srv:
+            # One request at a time: batching is moot; measured on the first unbatched server.
+            if max_batch == 1 and "latency" in args.parts and "latency" not in result:
                 result["latency"] = latencies(srv, model_name, session, args.latency_n)
-            request = binary_request(model_name, one, srv.token)
-            run_load(srv.port, request, CLIENTS, seconds=1.0, warmup_s=0.0)
-            here, there = time.process_time(), process_cpu_s(srv.pid)
-            load = run_load(srv.port, request, CLIENTS, args.seconds, warmup_s=0.0)
-            here, there = time.process_time() - here, process_cpu_s(srv.pid) - there
-            answered = max(1, sum(load.statuses.values()))
-            served[label] = {
-                "items_s": load.ok / load.elapsed_s,
-                "of_ceiling": load.ok / load.elapsed_s / result["ceiling_best"],
-                "statuses": load.statuses,
-                "cpu_ms_server": there / answered * 1e3,
-                "cpu_ms_clients": here / answered * 1e3,
-                **quantiles_ms(load.latencies_s),
-            }
-            # What a CPU-saturated machine would serve, relative to the raw runtime at its cheapest:
-            # steadier than the wall-clock ratio when other jobs share the cores.
-            spent = served[label]["cpu_ms_server"] + served[label]["cpu_ms_clients"]
-            served[label]["of_ceiling_by_cpu"] = result["ceiling_cpu_ms_item"] / spent
+            if "throughput" in args.parts:
+                request = binary_request(model_name, one, srv.token)
+                served[label] = throughput(args, srv, request, result, session)
     result["served"] = served
     return result
 
@@ -352,10 +447,21 @@ def med(runs: list[dict[str, Any]], *path: str) -> float:
     return float(statistics.median(values))
 
 
-def report(overhead: dict[str, Any], runs: list[dict[str, Any]], threads: int) -> str:
+def report(overhead: dict[str, Any] | None, runs: list[dict[str, Any]], threads: int, precision: str) -> str:
+    lines: list[str] = []
+    if overhead is not None:
+        lines += [*overhead_table(overhead, threads), ""]
+    if "latency" in runs[0]:
+        lines += [*latency_table(runs), ""]
+    if runs[0]["served"]:
+        lines += throughput_table(runs, precision)
+    return "\n".join(lines).strip()
+
+
+def overhead_table(overhead: dict[str, Any], threads: int) -> list[str]:
     pair, aa = overhead["engine_vs_raw"], overhead["raw_vs_raw"]
     lines = [
-        f"### Engine overhead, in-process, batch 1 (runtime threads: {threads})",
+        f"### Engine overhead, in-process, batch 1 (runtime threads: {threads}, {overhead['precision']})",
         "",
         "| comparison | raw ms/call | wrapped ms/call | wall ratio (quartiles) | CPU ratio |",
         "|---|---:|---:|---:|---:|",
@@ -375,8 +481,11 @@ def report(overhead: dict[str, Any], runs: list[dict[str, Any]], threads: int) -
             f"{added / pair['raw_cpu_us'] * 100:.2f}% of the model's "
             f"{pair['raw_cpu_us']:.0f} µs CPU per call | |"
         )
-    lines += [
-        "",
+    return lines
+
+
+def latency_table(runs: list[dict[str, Any]]) -> list[str]:
+    lines = [
         "### Latency, one client, one request at a time, batch 1",
         "",
         "| path | p50 ms | p99 ms | added p50 | added p99 | server CPU ms/req | client CPU ms/req |",
@@ -393,32 +502,49 @@ def report(overhead: dict[str, Any], runs: list[dict[str, Any]], threads: int) -
             f"| {path} | {p50:.3f} | {p99:.3f} | {p50 - raw50:+.3f} | {p99 - raw99:+.3f} | {server_cpu} | "
             f"{med(runs, 'latency', path, 'cpu_ms_here'):.3f} |"
         )
-    lines += [
+    return lines
+
+
+def throughput_table(runs: list[dict[str, Any]], precision: str) -> list[str]:
+    lines = [
+        f"### Throughput, {CLIENTS} concurrent clients, batch 1 each, binary tensors ({precision})",
         "",
-        f"### Throughput, {CLIENTS} concurrent clients, batch 1 each, binary tensors",
-        "",
-        "| what | items/s | of ceiling | p50 ms | p99 ms | server CPU ms/item | client CPU ms/item "
-        "| of ceiling by CPU |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| what | items/s | of ceiling | of ceiling beside | p50 ms | p99 ms | server CPU ms/item "
+        "| client CPU ms/item | of ceiling by CPU | by server CPU | mean batch | other jobs' CPU (cores) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for batch in BATCH_SIZES:
+    for key in runs[0]["ceiling"]:
+        c = ("ceiling", key)
+        batch, _, callers = key.partition("x")
+        what = f"batch {batch}" + (f", {callers} callers at once" if callers else "")
         lines.append(
-            f"| raw ORT in-process, batch {batch} | {med(runs, 'ceiling', str(batch), 'items_s'):.0f} "
-            f"| | | | {med(runs, 'ceiling', str(batch), 'cpu_ms_item'):.3f} | | |"
+            f"| raw ORT in-process, {what} | {med(runs, *c, 'items_s'):.0f} | | | | "
+            f"| {med(runs, *c, 'cpu_ms_item'):.3f} | | | | | {med(runs, *c, 'other_cpu_cores'):.2f} |"
         )
     lines.append(
-        f"| **ceiling** (best batch size, per repeat) | {med(runs, 'ceiling_best'):.0f} | 1.00 | | | "
-        f"{med(runs, 'ceiling_cpu_ms_item'):.3f} (cheapest) | | 1.00 |"
+        f"| **ceiling** (best of the above, per repeat) | {med(runs, 'ceiling_best'):.0f} | 1.00 | | | | "
+        f"{med(runs, 'ceiling_cpu_ms_item'):.3f} (cheapest) | | 1.00 | 1.00 | | |"
     )
-    for label in SERVED_CONFIGS:
+    for label in runs[0]["served"]:
         s = ("served", label)
         lines.append(
             f"| v2 endpoint, {label} | {med(runs, *s, 'items_s'):.0f} | {med(runs, *s, 'of_ceiling'):.2f} | "
-            f"{med(runs, *s, 'p50'):.1f} | {med(runs, *s, 'p99'):.1f} | "
+            f"{med(runs, *s, 'of_ceiling_beside'):.2f} | {med(runs, *s, 'p50'):.1f} | "
+            f"{med(runs, *s, 'p99'):.1f} | "
             f"{med(runs, *s, 'cpu_ms_server'):.3f} | {med(runs, *s, 'cpu_ms_clients'):.3f} | "
-            f"{med(runs, *s, 'of_ceiling_by_cpu'):.2f} |"
+            f"{med(runs, *s, 'of_ceiling_by_cpu'):.2f} | {med(runs, *s, 'of_ceiling_by_server_cpu'):.2f} | "
+            f"{med(runs, *s, 'mean_batch_rows'):.1f} | "
+            f"{med(runs, *s, 'other_cpu_cores'):.2f} |"
         )
-    return "\n".join(lines)
+    lines += [
+        "",
+        "*of ceiling beside*: against the raw runtime at the repeat's best configuration, timed for a third "
+        "of the run just before and just after it (the same load from other jobs). *of ceiling by CPU*: "
+        "the raw runtime's CPU per item at its cheapest batch size over the server's and the clients' CPU "
+        "per served item (what a machine with no other jobs would reach); *by server CPU*: the same "
+        "without the clients' share (clients on other machines).",
+    ]
+    return lines
 
 
 def main() -> None:
@@ -429,29 +555,57 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per throughput run")
     parser.add_argument("--ceiling-seconds", type=float, default=1.0, help="per batch size")
+    parser.add_argument(
+        "--ceiling-callers", default="1,2", help="threads calling the raw session at once, comma list"
+    )
     parser.add_argument("--latency-n", type=int, default=500, help="sequential requests per latency run")
     parser.add_argument("--overhead-blocks", type=int, default=30)
     parser.add_argument(
         "--threads", type=int, default=os.cpu_count() or 1, help="runtime threads, everywhere"
     )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="the model file served and timed raw; auto: what the engine picks on this machine, once",
+    )
+    parser.add_argument(
+        "--parts", default="overhead,latency,throughput", help="comma list of overhead, latency, throughput"
+    )
+    parser.add_argument(
+        "--served", default=DEFAULT_SERVED, help="max_batch:max_wait_ms per served configuration, comma list"
+    )
     parser.add_argument("--http", default="auto", help="uvicorn HTTP implementation for the server")
     parser.add_argument("--server-path", help="prepended to the server's PYTHONPATH (e.g. httptools, uvloop)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
     args = parser.parse_args()
+    args.parts = set(args.parts.split(","))
+    args.ceiling_callers = [int(n) for n in args.ceiling_callers.split(",")]
+    unknown = args.parts - {"overhead", "latency", "throughput"}
+    if unknown:
+        parser.error(f"unknown --parts {sorted(unknown)}")
+    served_configs(args.served)  # a malformed --served fails now, not after the first repeat
 
-    _, serving = load_for_serving(args.model, "onnxruntime-cpu")
+    engine, serving = load_pinned(args.model, args.precision, args.threads)
     model_name = serving.manifest.name
-    session = raw_session(serving.folder / serving.manifest.model_file, args.threads)
-    serving.model.close()
+    # Every server serves, and the raw runs time, this one file.
+    args.served_precision = serving.served_precision
+    model_file = served_file(serving)
+    precision_reason = serving.precision.reason if serving.precision else "fp32"
+    engine.close()
+    session = raw_session(model_file, args.threads)
+    print(f"serving and timing {model_file.name} ({args.served_precision}: {precision_reason})", flush=True)
     load_before = os.getloadavg()
 
-    overhead = engine_overhead(args.model, args.threads, args.overhead_blocks)
-    print("engine overhead measured", flush=True)
+    overhead = None
+    if "overhead" in args.parts:
+        overhead = engine_overhead(args.model, args.served_precision, args.threads, args.overhead_blocks)
+        print("engine overhead measured", flush=True)
     runs = []
     for i in range(args.repeats):
         runs.append(one_repeat(args, model_name, session))
         print(f"repeat {i + 1}/{args.repeats} done", flush=True)
-    table = report(overhead, runs, args.threads)
+    table = report(overhead, runs, args.threads, f"{args.served_precision}, {model_file.name}")
     print(table)
     print(f"load average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f}")
     results = {
@@ -466,6 +620,7 @@ def main() -> None:
         "onnxruntime": ort.__version__,
         "server_stack": server_stack(args.server_path),
         "threads": args.threads,
+        "precision": {"served": args.served_precision, "file": model_file.name, "reason": precision_reason},
         "overhead": overhead,
         "runs": runs,
         "table": table,

@@ -3,19 +3,19 @@
     python bench/engine/serve.py --model PATH --port N --token-file F [--max-batch B --max-wait-ms W]
 
 The same calls as the CLI (load_for_serving, create_app, uvicorn) plus Engine.configure_batching,
-which the CLI does not expose yet, and --threads to size the runtime's thread pool.
+which the CLI does not expose yet, --threads to size the runtime's thread pool and --precision to
+serve the file the bench times raw (pinned.py).
 """
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import uvicorn
+from pinned import PRECISIONS, load_pinned  # beside this script
 
 from device.api import create_app
 from device.engine.batcher import BatchConfig
-from device.engine.engine import Engine
-from device.standalone import api_token, load_for_serving
+from device.standalone import api_token
 
 
 def main() -> None:
@@ -26,21 +26,21 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=1)
     parser.add_argument("--max-wait-ms", type=float, default=0.0)
     parser.add_argument("--max-queue", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1, help="engine calls in flight at once")
     parser.add_argument("--threads", type=int, default=None, help="runtime threads (default: all cores)")
     parser.add_argument("--http", default="auto", help="uvicorn's HTTP implementation: auto, h11, httptools")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
     args = parser.parse_args()
-    engine, serving = load_for_serving(args.model, "onnxruntime-cpu")
-    if args.threads:
-        # The onnxruntime backend sizes its pool from the profile's core count: load again on one
-        # that says `threads`.
-        engine.close()
-        engine = Engine(dataclasses.replace(engine.profile, cpu_count=args.threads), pinned="onnxruntime-cpu")
-        serving = engine.prepare(serving.folder, serving.manifest)
-        engine.serve(serving)
+    engine, serving = load_pinned(args.model, args.precision, args.threads)
     engine.configure_batching(
-        serving.manifest.name, BatchConfig(args.max_batch, args.max_wait_ms, args.max_queue)
+        serving.manifest.name, BatchConfig(args.max_batch, args.max_wait_ms, args.max_queue, args.workers)
     )
-    app = create_app(engine, lambda: {"models": [serving.describe()]}, api_token(args.token_file))
+    name = serving.manifest.name
+    app = create_app(
+        engine,
+        lambda: {"models": [serving.describe()], "batching": engine.batcher_stats(name)},
+        api_token(args.token_file),
+    )
     # uvicorn's "auto" picks httptools and uvloop when they are importable, h11 and asyncio otherwise.
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, http=args.http)
 

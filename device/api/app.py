@@ -6,62 +6,36 @@ viewer role, everything else the technician role, the infer fast path included.
 Errors are `{"error": message}` everywhere, the shape Triton's and KServe's clients read.
 
 Inference requests (`POST /v2/models/{name}[/versions/{v}]/infer`) are answered by `InferFastPath`
-before FastAPI's router and dependency solver see them: those cost about as much CPU per request as
-everything else the server does for a small model (bench/engine/RESULTS.md). The FastAPI route of
-the same path stays, with the same code behind it, for the OpenAPI description and for any
+(device/api/fastpath.py) before FastAPI's router and dependency solver see them. The FastAPI route
+of the same path stays, with the same code behind it, for the OpenAPI description and for any
 composition without the fast path.
 """
 
-import asyncio
-import json
-import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from fastapi.security.utils import get_authorization_scheme_param
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from device.api.auth import (
-    SCHEME_DESCRIPTION,
-    TECHNICIAN,
-    Authenticator,
-    Principal,
-    Role,
-    TrustSource,
-    role_for,
-)
-from device.api.limits import (
-    ASGIApp,
-    BodySizeLimit,
-    BodyTooLarge,
-    Receive,
-    Scope,
-    Send,
-    UnsupportedEncoding,
-    decompress_body,
-)
+from device.api.auth import SCHEME_DESCRIPTION, Authenticator, TrustSource, role_for
+from device.api.errors import MAX_BODY_BYTES, error_status
+from device.api.fastpath import InferFastPath
+from device.api.limits import BodySizeLimit, BodyTooLarge, UnsupportedEncoding, decompress_body
 from device.api.metrics import render
 from device.api.ratelimit import FailedLoginLimiter
 from device.api.v2 import (
     HEADER_LENGTH,
     InferRequest,
-    RequestSchemaError,
     encode_infer_response,
     model_metadata,
     parse_infer_request,
 )
-from device.engine.batcher import Unavailable
 from device.engine.engine import Engine, ServingModel
 from device.errors import EngineError, InferenceInputError
 
-MAX_BODY_BYTES = 16 * 1024 * 1024
-RETRY_AFTER_OVERLOAD_S = 1
-INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 INFER_DOC = (
     "Open Inference Protocol v2 inference. The body is a JSON request, optionally followed by binary "
     "tensors (Triton's binary tensor data extension: header `Inference-Header-Content-Length`, "
@@ -91,92 +65,6 @@ INFER_BODY = {
         "content": {"application/json": {"schema": _inline_refs(_INFER_SCHEMA, _INFER_SCHEMA["$defs"])}},
     }
 }
-
-# One infer call: model name, version or None, request headers, raw body -> body, JSON part's length.
-InferCall = Callable[[str, str | None, Mapping[str, str], bytes], Awaitable[tuple[bytes, int | None]]]
-# client address, bearer credential or None, role needed -> who it is (or an HTTPException)
-Authorize = Callable[[str, str | None, Role], Principal]
-
-
-def error_status(e: Exception) -> tuple[int, str, dict[str, str]] | None:
-    """The HTTP status, message and headers for an error we answer; None for a bug (a plain 500)."""
-    if isinstance(e, StarletteHTTPException):
-        return e.status_code, str(e.detail), dict(e.headers or {})
-    if isinstance(e, InferenceInputError):
-        return 422 if isinstance(e, RequestSchemaError) else 400, str(e), {}
-    if isinstance(e, Unavailable):  # a full queue, or a model being reconfigured or shut down
-        return 503, str(e), {"Retry-After": str(RETRY_AFTER_OVERLOAD_S)}
-    if isinstance(e, EngineError):
-        return 500, str(e), {}  # the model failed, not the caller; other models keep serving
-    if isinstance(e, BodyTooLarge):
-        return 413, f"request body exceeds {MAX_BODY_BYTES} bytes", {}
-    if isinstance(e, UnsupportedEncoding):
-        return 415, str(e), {}
-    return None
-
-
-def bearer_credentials(authorization: str | None) -> str | None:
-    """The token of an `Authorization: Bearer ...` header, read exactly as FastAPI's HTTPBearer reads it."""
-    scheme, credentials = get_authorization_scheme_param(authorization)
-    if not (authorization and scheme and credentials) or scheme.lower() != "bearer":
-        return None
-    return credentials
-
-
-class InferFastPath:
-    """Answers v2 infer requests straight from ASGI; passes everything else to `app`."""
-
-    def __init__(self, app: ASGIApp, authorize: Authorize, infer: InferCall) -> None:
-        self.app = app
-        self.authorize = authorize
-        self.infer = infer
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = INFER_PATH.fullmatch(scope["path"]) if scope["type"] == "http" else None
-        if match is None or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        headers = Headers(scope=scope)
-        client = scope.get("client")
-        try:
-            self.authorize(
-                client[0] if client else "unknown",
-                bearer_credentials(headers.get("authorization")),
-                TECHNICIAN,  # running a model is a technician's act, as on the FastAPI route
-            )
-            body = await _read_body(receive)
-            if body is None:
-                return  # the client went away before it finished sending; nobody to answer
-            content, json_length = await self.infer(match[1], match[2], headers, body)
-        except Exception as e:
-            mapped = error_status(e)
-            if mapped is None:
-                raise  # a bug: uvicorn logs it and answers 500
-            status, message, extra = mapped
-            await _respond(send, status, json.dumps({"error": message}).encode(), b"application/json", extra)
-            return
-        if json_length is None:
-            await _respond(send, 200, content, b"application/json", {})
-        else:
-            await _respond(send, 200, content, b"application/octet-stream", {HEADER_LENGTH: str(json_length)})
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-async def _respond(send: Send, status: int, body: bytes, content_type: bytes, extra: dict[str, str]) -> None:
-    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 def create_app(
@@ -256,9 +144,9 @@ def create_app(
         return status()
 
     def serving_or_404(name: str, version: str | None = None) -> ServingModel:
-        if name not in engine.names():
+        serving = engine.find(name)
+        if serving is None:
             raise HTTPException(404, f"no model named {name!r}; loaded: {engine.names()}")
-        serving = engine.get(name)
         if version is not None and version != str(serving.manifest.version):
             raise HTTPException(
                 404, f"{name} serves version {serving.manifest.version}, not {version}; omit the version"
@@ -277,13 +165,13 @@ def create_app(
         return {"name": name, "ready": True}
 
     async def run_infer(
-        name: str, version: str | None, headers: Mapping[str, str], body: bytes
+        name: str, version: str | None, header_length: str | None, encoding: str | None, body: bytes
     ) -> tuple[bytes, int | None]:
         serving = serving_or_404(name, version)
-        body = decompress_body(body, headers.get("content-encoding"), MAX_BODY_BYTES)
-        parsed = parse_infer_request(body, headers.get(HEADER_LENGTH))
-        # The future resolves on the batcher's thread; awaiting it holds no thread of ours meanwhile.
-        outputs = await asyncio.wrap_future(engine.submit(serving, parsed.inputs))
+        body = decompress_body(body, encoding, MAX_BODY_BYTES)
+        parsed = parse_infer_request(body, header_length)
+        # The batcher sets this loop's future from its thread; awaiting it holds no thread of ours.
+        outputs = await engine.submit_async(serving, parsed.inputs)
         return encode_infer_response(serving, outputs, parsed)
 
     infer_doc: dict[str, Any] = {"description": INFER_DOC, "openapi_extra": INFER_BODY}
@@ -291,11 +179,14 @@ def create_app(
     @app.post("/v2/models/{name}/infer", dependencies=[Auth], **infer_doc)
     @app.post("/v2/models/{name}/versions/{version}/infer", dependencies=[Auth], **infer_doc)
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
-        content, json_length = await run_infer(name, version, request.headers, await request.body())
+        headers = request.headers
+        content, json_length = await run_infer(
+            name, version, headers.get(HEADER_LENGTH), headers.get("content-encoding"), await request.body()
+        )
         if json_length is None:
             return Response(content, media_type="application/json")
         return Response(
             content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(json_length)}
         )
 
-    return BodySizeLimit(InferFastPath(app, authorize, run_infer), MAX_BODY_BYTES)
+    return InferFastPath(BodySizeLimit(app, MAX_BODY_BYTES), authorize, run_infer, MAX_BODY_BYTES)

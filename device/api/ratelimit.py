@@ -25,6 +25,10 @@ class FailedLoginLimiter:
 
     def blocked_for(self, client: str, now: float | None = None) -> float:
         """Seconds until `client` may try again; 0 when it may now."""
+        # Asked on every request: a client with no failure on record (one dict lookup, safe without
+        # the lock) is answered at once, and leaves no entry behind.
+        if client not in self._failures:
+            return 0.0
         now = time.monotonic() if now is None else now
         with self._lock:
             failures = self._recent(client, now)

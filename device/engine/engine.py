@@ -4,7 +4,9 @@ A model becomes visible to callers only after warm-up and a golden-vector pass, 
 model replaces an older one in a single assignment, so callers never see a half-loaded model.
 """
 
+import asyncio
 import bisect
+import functools
 import threading
 import time
 from collections import deque
@@ -66,7 +68,7 @@ class ServingModel:
     def served_precision(self) -> str:
         return self.precision.precision if self.precision else "fp32"
 
-    @property
+    @functools.cached_property  # asked on every request; the manifest of a loaded model never changes
     def batchable(self) -> bool:
         """Whether requests can be stacked: dim 0 of every input and output is dynamic."""
         specs = [*self.manifest.inputs, *self.manifest.outputs]
@@ -223,6 +225,10 @@ class Engine:
         except KeyError:
             raise EngineError(f"no model named {name!r} is loaded; loaded: {sorted(self._models)}") from None
 
+    def find(self, name: str) -> ServingModel | None:
+        """The model served under `name`, or None (one dict read: the API asks on every request)."""
+        return self._models.get(name)
+
     def names(self) -> list[str]:
         return sorted(self._models)
 
@@ -239,6 +245,12 @@ class Engine:
         """
         checked = check_inputs(serving.manifest.inputs, inputs)
         return self._batcher(serving.manifest.name).submit(serving, checked, serving.batchable)
+
+    def submit_async(self, serving: ServingModel, inputs: Tensors) -> "asyncio.Future[Tensors]":
+        """`submit` for a coroutine on the running loop (the API's way): the future is the loop's own,
+        set on the loop's thread, so awaiting it costs no thread-safe future chain."""
+        checked = check_inputs(serving.manifest.inputs, inputs)
+        return self._batcher(serving.manifest.name).submit_async(serving, checked, serving.batchable)
 
     def configure_batching(self, name: str, config: BatchConfig) -> None:
         """How API requests to `name` are queued and grouped from now on (default: BatchConfig())."""
@@ -257,6 +269,7 @@ class Engine:
             "max_batch": config.max_batch,
             "max_wait_ms": config.max_wait_ms,
             "max_queue": config.max_queue,
+            "workers": config.workers,
             "queued": batcher.queued() if batcher else 0,
             "batches": stats.batches if stats else 0,
             "mean_batch_rows": stats.mean_batch_rows() if stats else None,

@@ -156,7 +156,7 @@ def test_the_fastapi_route_behind_the_fast_path_answers_the_same(served: Engine)
 
     from device.api import create_app
 
-    inner = create_app(served, dict, TOKEN).app.app  # BodySizeLimit -> InferFastPath -> FastAPI
+    inner = create_app(served, dict, TOKEN).app.app  # InferFastPath -> BodySizeLimit -> FastAPI
     body, length = binary_body(
         np.ones((1, 3, 64, 64), np.float32), {"parameters": {"binary_data_output": True}}
     )
