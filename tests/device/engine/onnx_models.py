@@ -55,3 +55,8 @@ def serve_bare(engine: Engine, path: Path) -> ServingModel:
     serving = engine.prepare(path.parent, manifest_for_bare_onnx(path))
     engine.serve(serving)
     return serving
+
+
+def doubler_rows(n: int, start: float) -> np.ndarray:
+    """`n` rows of `doubler`'s input (4 float32 each), counting up from `start`."""
+    return (start + np.arange(n * 4, dtype=np.float32)).reshape(n, 4)

@@ -13,16 +13,13 @@ from device.engine.engine import Engine
 from device.errors import EngineError, InferenceInputError
 from models.manifest import load_manifest
 from tests.device.engine.onnx_models import doubler, rows_of_three, serve_bare
+from tests.device.engine.onnx_models import doubler_rows as rows
 
 
 @pytest.fixture(autouse=True)
 def _close_engine(engine: Engine) -> Iterator[None]:
     yield
     engine.close()
-
-
-def rows(n: int, start: float) -> np.ndarray:
-    return (start + np.arange(n * 4, dtype=np.float32)).reshape(n, 4)
 
 
 def test_coroutines_get_their_own_rows_from_shared_calls(engine: Engine, tmp_path: Path) -> None:

@@ -12,16 +12,13 @@ from device.engine.batcher import BatchConfig, MicroBatcher
 from device.engine.engine import Engine
 from device.errors import ConfigError
 from tests.device.engine.onnx_models import doubler, serve_bare
+from tests.device.engine.onnx_models import doubler_rows as rows
 
 
 @pytest.fixture(autouse=True)
 def _close_engine(engine: Engine) -> Iterator[None]:
     yield
     engine.close()
-
-
-def rows(n: int, start: float) -> np.ndarray:
-    return (start + np.arange(n * 4, dtype=np.float32)).reshape(n, 4)
 
 
 def test_two_workers_run_two_calls_at_once() -> None:
