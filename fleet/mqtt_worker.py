@@ -324,11 +324,13 @@ class FleetWorker:
         attempt = 0
         while True:
             link = MqttLink(await self._link_options(), self._on_telemetry, room=self.telemetry.room)
+            # Before connecting: a resumed session redelivers its unacked records as soon as it is
+            # up, before the SUBACK, and their tokens must name this session to be acked.
+            self._link_session += 1
+            self._link = link
             try:
                 await link.connect()
                 await link.subscribe(topics.shared(topics.all_devices(topics.TELEMETRY)), qos=1)
-                self._link_session += 1
-                self._link = link
                 self.link_ready.set()
                 attempt = 0
                 log.info("fleet worker %s: telemetry link subscribed", self.worker_id)
