@@ -14,6 +14,7 @@ import uvicorn
 from device.api import create_app
 from device.api import updates as update_routes
 from device.api.ratelimit import FailedLoginLimiter
+from device.api.server import api_server_config
 from device.config import DataDir, DeviceConfig, PlantSignal
 from device.engine.batcher import BatchConfig
 from device.engine.engine import Engine
@@ -303,14 +304,8 @@ class Agent:
         )
         certfile, keyfile = self._api_tls_files()
         server = _Server(
-            uvicorn.Config(
-                app,
-                host=self.config.api_host,
-                port=self.config.api_port,
-                log_level="warning",
-                access_log=False,
-                ssl_certfile=certfile,
-                ssl_keyfile=keyfile,
+            api_server_config(
+                app, self.config.api_host, self.config.api_port, ssl_certfile=certfile, ssl_keyfile=keyfile
             )
         )
         if self.plant_line is not None:

@@ -172,6 +172,7 @@ def device_serve(
     import uvicorn
 
     from device.api import create_app
+    from device.api.server import api_server_config
     from device.engine.batcher import BatchConfig
     from device.errors import DeviceError
     from device.standalone import api_token, load_for_serving
@@ -193,7 +194,7 @@ def device_serve(
     )
     typer.echo(f"API token: {'in ' + str(token_file) if token_file else token}")
     app = create_app(engine, lambda: {"standalone": True, "models": [serving.describe()]}, token)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.Server(api_server_config(app, host, port)).run()
 
 
 @device_app.command("probe")

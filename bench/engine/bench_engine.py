@@ -575,7 +575,11 @@ def main() -> None:
     parser.add_argument(
         "--served", default=DEFAULT_SERVED, help="max_batch:max_wait_ms per served configuration, comma list"
     )
-    parser.add_argument("--http", default="auto", help="uvicorn HTTP implementation for the server")
+    parser.add_argument(
+        "--http",
+        default="edgefleet",
+        help="the server's HTTP protocol: edgefleet (the device's), or uvicorn's auto, h11, httptools",
+    )
     parser.add_argument("--server-path", help="prepended to the server's PYTHONPATH (e.g. httptools, uvloop)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
     args = parser.parse_args()

@@ -14,6 +14,7 @@ import uvicorn
 from pinned import PRECISIONS, load_pinned  # beside this script
 
 from device.api import create_app
+from device.api.server import api_server_config
 from device.engine.batcher import BatchConfig
 from device.standalone import api_token
 
@@ -28,7 +29,11 @@ def main() -> None:
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1, help="engine calls in flight at once")
     parser.add_argument("--threads", type=int, default=None, help="runtime threads (default: all cores)")
-    parser.add_argument("--http", default="auto", help="uvicorn's HTTP implementation: auto, h11, httptools")
+    parser.add_argument(
+        "--http",
+        default="edgefleet",
+        help="edgefleet (the device's: infer answered by the protocol), or uvicorn's auto, h11, httptools",
+    )
     parser.add_argument("--precision", choices=PRECISIONS, default="auto")
     args = parser.parse_args()
     engine, serving = load_pinned(args.model, args.precision, args.threads)
@@ -41,8 +46,10 @@ def main() -> None:
         lambda: {"models": [serving.describe()], "batching": engine.batcher_stats(name)},
         api_token(args.token_file),
     )
-    # uvicorn's "auto" picks httptools and uvloop when they are importable, h11 and asyncio otherwise.
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, http=args.http)
+    # uvicorn's "auto" picks httptools and uvloop when they are importable, h11 and asyncio otherwise;
+    # the loop stays uvicorn's choice (uvloop) in every case.
+    options = {} if args.http == "edgefleet" else {"http": args.http}
+    uvicorn.Server(api_server_config(app, "127.0.0.1", args.port, **options)).run()
 
 
 if __name__ == "__main__":

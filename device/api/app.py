@@ -8,7 +8,8 @@ Errors are `{"error": message}` everywhere, the shape Triton's and KServe's clie
 Inference requests (`POST /v2/models/{name}[/versions/{v}]/infer`) are answered by `InferFastPath`
 (device/api/fastpath.py) before FastAPI's router and dependency solver see them. The FastAPI route
 of the same path stays, with the same code behind it, for the OpenAPI description and for any
-composition without the fast path.
+composition without the fast path. Served by uvicorn through `device/api/server.py`, the same requests
+are answered a layer lower still, by the HTTP protocol (device/api/infer_protocol.py).
 """
 
 from collections.abc import Callable, Sequence
@@ -22,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from device.api.auth import SCHEME_DESCRIPTION, Authenticator, TrustSource, role_for
 from device.api.errors import MAX_BODY_BYTES, error_status
-from device.api.fastpath import InferFastPath
+from device.api.fastpath import InferFastPath, PendingInfer
 from device.api.limits import BodySizeLimit, BodyTooLarge, UnsupportedEncoding, decompress_body
 from device.api.metrics import render
 from device.api.ratelimit import FailedLoginLimiter
@@ -164,15 +165,15 @@ def create_app(
         serving_or_404(name, version)
         return {"name": name, "ready": True}
 
-    async def run_infer(
+    def start_infer(
         name: str, version: str | None, header_length: str | None, encoding: str | None, body: bytes
-    ) -> tuple[bytes, int | None]:
+    ) -> PendingInfer:
         serving = serving_or_404(name, version)
         body = decompress_body(body, encoding, MAX_BODY_BYTES)
         parsed = parse_infer_request(body, header_length)
-        # The batcher sets this loop's future from its thread; awaiting it holds no thread of ours.
-        outputs = await engine.submit_async(serving, parsed.inputs)
-        return encode_infer_response(serving, outputs, parsed)
+        # The batcher sets this loop's future from its thread; waiting on it holds no thread of ours.
+        outputs = engine.submit_async(serving, parsed.inputs)
+        return PendingInfer(outputs, lambda tensors: encode_infer_response(serving, tensors, parsed))
 
     infer_doc: dict[str, Any] = {"description": INFER_DOC, "openapi_extra": INFER_BODY}
 
@@ -180,13 +181,14 @@ def create_app(
     @app.post("/v2/models/{name}/versions/{version}/infer", dependencies=[Auth], **infer_doc)
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
         headers = request.headers
-        content, json_length = await run_infer(
+        pending = start_infer(
             name, version, headers.get(HEADER_LENGTH), headers.get("content-encoding"), await request.body()
         )
+        content, json_length = pending.encode(await pending.outputs)
         if json_length is None:
             return Response(content, media_type="application/json")
         return Response(
             content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(json_length)}
         )
 
-    return InferFastPath(BodySizeLimit(app, MAX_BODY_BYTES), authorize, run_infer, MAX_BODY_BYTES)
+    return InferFastPath(BodySizeLimit(app, MAX_BODY_BYTES), authorize, start_infer, MAX_BODY_BYTES)
