@@ -14,7 +14,6 @@ import uvicorn
 from pinned import PRECISIONS, load_pinned  # beside this script
 
 from device.api import create_app
-from device.api.server import api_server_config
 from device.engine.batcher import BatchConfig
 from device.standalone import api_token
 
@@ -49,7 +48,15 @@ def main() -> None:
     # uvicorn's "auto" picks httptools and uvloop when they are importable, h11 and asyncio otherwise;
     # the loop stays uvicorn's choice (uvloop) in every case.
     options = {} if args.http == "edgefleet" else {"http": args.http}
-    uvicorn.Server(api_server_config(app, "127.0.0.1", args.port, **options)).run()
+    try:
+        from device.api.server import api_server_config
+    except ImportError:  # an older tree given with --server-path (A/B runs): plain uvicorn, as it was
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, **options
+        )
+    else:
+        config = api_server_config(app, "127.0.0.1", args.port, **options)
+    uvicorn.Server(config).run()
 
 
 if __name__ == "__main__":
