@@ -56,16 +56,18 @@ DEFAULT_SERVED = "1:0,16:0,16:2,4:0,16:0:2"  # max_batch:max_wait_ms[:workers] p
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
 
-def served_configs(spec: str) -> dict[str, tuple[int, float, int]]:
-    """`--served` as label -> (max_batch, max_wait_ms, workers)."""
+def served_configs(spec: str) -> dict[str, tuple[int, float, int, int]]:
+    """`--served` as label -> (max_batch, max_wait_ms, workers, images per request)."""
     configs = {}
     for item in spec.split(","):
-        batch, wait, workers = ([*item.split(":"), "", ""])[:3]
-        max_batch, max_wait, n = int(batch), float(wait or 0), int(workers or 1)
+        batch, wait, workers, images = ([*item.split(":"), "", "", ""])[:4]
+        max_batch, max_wait, n, rows = int(batch), float(wait or 0), int(workers or 1), int(images or 1)
         label = (
             "batching off" if max_batch == 1 else f"batching on, max_batch {max_batch}, wait {max_wait:g} ms"
         )
-        configs[label + (f", {n} workers" if n > 1 else "")] = (max_batch, max_wait, n)
+        label += f", {n} workers" if n > 1 else ""
+        label += f", {rows} images per request" if rows > 1 else ""
+        configs[label] = (max_batch, max_wait, n, rows)
     return configs
 
 
@@ -372,7 +374,9 @@ def throughput(
     request: bytes,
     ceiling: dict[str, Any],
     session: ort.InferenceSession,
+    images: int = 1,
 ) -> dict[str, Any]:
+    """`CLIENTS` connections sending `request` (`images` images each) one after another."""
     run_load(srv.port, request, CLIENTS, seconds=1.0, warmup_s=0.0)
     # The raw runtime at this repeat's best batch size just before and just after the served run (the
     # server idles meanwhile): the ceiling under the same load from other jobs, which moves by tens
@@ -388,8 +392,8 @@ def throughput(
     busy = busy_cpu_s() - busy
     batches_after, rows_after = batching_counts(srv)
     beside.append(raw_rate(session, "image", int(best_batch), args.seconds / 3, int(callers or 1)))
-    answered = max(1, sum(load.statuses.values()))
-    items_s = load.ok / load.elapsed_s
+    answered = max(1, sum(load.statuses.values())) * images  # items: CPU below is per image
+    items_s = load.ok * images / load.elapsed_s
     paired = statistics.mean(r["items_s"] for r in beside)
     result = {
         "items_s": items_s,
@@ -424,15 +428,16 @@ def one_repeat(args: argparse.Namespace, model_name: str, session: ort.Inference
     served: dict[str, Any] = {}
     configs = served_configs(args.served)
     if "throughput" not in args.parts:  # one server for the latency part alone
-        configs = {label: c for label, c in configs.items() if c[0] == 1} or {"batching off": (1, 0.0, 1)}
-    for label, (max_batch, wait, workers) in configs.items():
+        configs = {label: c for label, c in configs.items() if c[0] == 1 and c[3] == 1}
+        configs = configs or {"batching off": (1, 0.0, 1, 1)}
+    for label, (max_batch, wait, workers, rows) in configs.items():
         with server(args.model, max_batch, wait, workers, args) as srv:
             # One request at a time: batching is moot; measured on the first unbatched server.
-            if max_batch == 1 and "latency" in args.parts and "latency" not in result:
+            if max_batch == 1 and rows == 1 and "latency" in args.parts and "latency" not in result:
                 result["latency"] = latencies(srv, model_name, session, args.latency_n)
             if "throughput" in args.parts:
-                request = binary_request(model_name, one, srv.token)
-                served[label] = throughput(args, srv, request, result, session)
+                request = binary_request(model_name, np.repeat(one, rows, axis=0), srv.token)
+                served[label] = throughput(args, srv, request, result, session, rows)
     result["served"] = served
     return result
 
@@ -573,7 +578,9 @@ def main() -> None:
         "--parts", default="overhead,latency,throughput", help="comma list of overhead, latency, throughput"
     )
     parser.add_argument(
-        "--served", default=DEFAULT_SERVED, help="max_batch:max_wait_ms per served configuration, comma list"
+        "--served",
+        default=DEFAULT_SERVED,
+        help="max_batch:max_wait_ms[:workers[:images per request]] per served configuration, comma list",
     )
     parser.add_argument(
         "--http",
