@@ -11,13 +11,15 @@ import logging
 import os
 from pathlib import Path
 
-from device.errors import UpdateRejected
+from device.errors import ChunkRefused, UpdateRejected
 from device.transport import FleetTransport
 from protocol.frames import Chunk
 
 log = logging.getLogger(__name__)
 CHUNK_TIMEOUT_S = 10.0
 CHUNK_ATTEMPTS = 5
+# The longest a device waits before asking again for a chunk the fleet could not read just now.
+MAX_RETRY_WAIT_S = 30.0
 KINDS = ("package", "delta")
 
 
@@ -58,11 +60,19 @@ class PayloadDownload:
         self, update_id: str, offset: int, length: int, kind: str, total: int
     ) -> Chunk:
         misfit: Chunk | None = None
+        refused: ChunkRefused | None = None
         for attempt in range(1, CHUNK_ATTEMPTS + 1):
             try:
                 chunk = await self.transport.fetch_chunk(update_id, offset, length, CHUNK_TIMEOUT_S, kind)
             except TimeoutError:
                 log.warning("chunk %s@%d timed out (attempt %d)", update_id, offset, attempt)
+                continue
+            except ChunkRefused as e:
+                if e.retry_after_s is None:  # the fleet says it will not come: no use asking again
+                    raise UpdateRejected(f"{kind} download stopped: {e}") from e
+                log.warning("update %s: %s (attempt %d)", update_id, e, attempt)
+                refused = e
+                await asyncio.sleep(min(e.retry_after_s, MAX_RETRY_WAIT_S))
                 continue
             if chunk.total == total and chunk.offset == offset:
                 return chunk
@@ -73,8 +83,9 @@ class PayloadDownload:
                 f"chunk at {offset} does not fit the signed size {total}: the fleet answered "
                 f"{len(misfit.data)} bytes at {misfit.offset} of {misfit.total}"
             )
+        said = f"; the fleet's last word: {refused}" if refused is not None else ""
         raise TimeoutError(
-            f"download stalled: chunk at offset {offset} did not arrive after {CHUNK_ATTEMPTS} tries"
+            f"download stalled: chunk at offset {offset} did not arrive after {CHUNK_ATTEMPTS} tries{said}"
         )
 
     def discard(self, update_id: str) -> None:

@@ -32,3 +32,12 @@ class InferenceInputError(EngineError):
 
 class GoldenTestFailed(EngineError):
     """A model gave outputs outside its golden vectors' tolerance, or missed its latency budget."""
+
+
+class ChunkRefused(DeviceError):
+    """The fleet answered that it cannot give a chunk of an update's payload (protocol/frames.py)."""
+
+    def __init__(self, offset: int, reason: str, retry_after_s: float | None) -> None:
+        self.offset, self.reason, self.retry_after_s = offset, reason, retry_after_s
+        when = "it will not come" if retry_after_s is None else f"ask again in {retry_after_s:g} s"
+        super().__init__(f"the fleet cannot give the chunk at offset {offset}: {reason} ({when})")

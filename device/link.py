@@ -17,11 +17,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from device.config import LinkTls
-from device.errors import ConfigError
+from device.errors import ChunkRefused, ConfigError
 from protocol import topics
 from protocol.backoff import backoff_delay
 from protocol.errors import ProtocolError
-from protocol.frames import Chunk, decode_chunk
+from protocol.frames import Chunk, ChunkUnavailable, decode_chunk, decode_chunk_answer
 from protocol.messages import (
     ChunkRequest,
     DeviceState,
@@ -155,7 +155,7 @@ class DeviceLink:
     def _dispatch(self, topic: str, payload: bytes) -> None:
         try:
             if topic == self._topic(topics.CMD_CHUNK):
-                self._resolve_chunk(decode_chunk(payload))
+                self._resolve_chunk(decode_chunk_answer(payload))
             elif topic == self._topic(topics.CMD_METADATA):
                 frame = decode_chunk(payload)
                 waiting = self._waiting_metadata.pop(frame.update_id, None)
@@ -199,10 +199,14 @@ class DeviceLink:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _resolve_chunk(self, chunk: Chunk) -> None:
-        future = self._waiting.pop((chunk.update_id, chunk.offset), None)
-        if future is not None and not future.done():
-            future.set_result(chunk)
+    def _resolve_chunk(self, answer: Chunk | ChunkUnavailable) -> None:
+        future = self._waiting.pop((answer.update_id, answer.offset), None)
+        if future is None or future.done():
+            return
+        if isinstance(answer, ChunkUnavailable):
+            future.set_exception(ChunkRefused(answer.offset, answer.reason, answer.retry_after_s))
+        else:
+            future.set_result(answer)
 
     # -- FleetTransport ----------------------------------------------------------------------
     async def publish_update_status(self, status: UpdateStatus) -> None:

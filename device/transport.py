@@ -14,7 +14,8 @@ class FleetTransport(Protocol):
     async def fetch_chunk(
         self, update_id: str, offset: int, length: int, timeout: float, payload: str = "package"
     ) -> Chunk:
-        """Ask the fleet for bytes [offset, offset+length) of an update's payload; raise TimeoutError.
+        """Ask the fleet for bytes [offset, offset+length) of an update's payload; raise TimeoutError,
+        or ChunkRefused when the fleet answers that it cannot give them.
 
         `payload` is "package" (the whole package archive) or "delta" (the package delta).
         """

@@ -22,7 +22,14 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, defer, sessionmaker
 
 from fleet import broker_auth, maintenance, rollouts
-from fleet.artifacts import ArtifactStore, ArtifactStoreError, FolderStore, archive_key, delta_key
+from fleet.artifacts import (
+    ArtifactMissing,
+    ArtifactStore,
+    ArtifactStoreError,
+    FolderStore,
+    archive_key,
+    delta_key,
+)
 from fleet.db import Device, ModelVersion, TelemetryRecordRow, Update, UpdateEvent
 from fleet.deltas import BackgroundBuilds, DeltaArtifact, package_delta
 from fleet.errors import Conflict, InvalidRequest, NotFound
@@ -39,7 +46,7 @@ from models.package import hash_file, unpack
 from models.package_delta import manifest_sha256
 from models.signing import load_public_key
 from protocol import topics
-from protocol.frames import Chunk, encode_chunk
+from protocol.frames import Chunk, ChunkUnavailable, encode_chunk, encode_chunk_unavailable
 from protocol.keys_document import public_key_text
 from protocol.messages import (
     ChunkRequest,
@@ -80,6 +87,20 @@ class _ChunkSource:
     package_size: int
     delta: str | None
     delta_size: int
+
+
+# A device whose chunk the store cannot give asks again after this long (a store that is down).
+CHUNK_RETRY_AFTER_S = 10.0
+
+
+def _unavailable(request: ChunkRequest, error: ArtifactStoreError) -> ChunkUnavailable:
+    """What a device is told when its chunk cannot be read: not the store's own message (bucket
+    names and paths are the operator's), which `_artifact_error` logs at the fleet."""
+    if isinstance(error, ArtifactMissing):
+        reason = "the fleet's artifact store no longer holds this payload; the operator must push it again"
+        return ChunkUnavailable(request.update_id, request.offset, reason, None)
+    reason = "the fleet cannot read this payload from its artifact store just now"
+    return ChunkUnavailable(request.update_id, request.offset, reason, CHUNK_RETRY_AFTER_S)
 
 
 class _NeedsNetwork:
@@ -918,7 +939,7 @@ class FleetService:
                     return _NeedsNetwork()
         except ArtifactStoreError as e:
             self._artifact_error(key, e)
-            return None
+            return encode_chunk_unavailable(_unavailable(request, e))
         assert data is not None
         return encode_chunk(Chunk(update_id=request.update_id, offset=request.offset, total=total, data=data))
 

@@ -31,7 +31,7 @@ from fleet.errors import InvalidRequest
 from fleet.server import ServeOptions, serve
 from fleet.service import FleetService
 from fleet.store import FleetDataDir
-from protocol.frames import decode_chunk
+from protocol.frames import ChunkUnavailable, decode_chunk, decode_chunk_answer
 from protocol.messages import ChunkRequest, UpdateOffer, decode
 from protocol.targets import archive_target_name, delta_target_name
 from tests.fleet.test_artifacts_s3server import ACCESS_KEY, SECRET_KEY, S3Server, running_s3_server
@@ -292,7 +292,11 @@ def test_an_object_deleted_behind_the_fleets_back_fails_its_chunks_only(
     with caplog.at_level(logging.ERROR):
         for offset in (0, 4096):
             request = ChunkRequest(update_id=updates["cam-1"], offset=offset, length=4096)
-            assert service.chunk_for("cam-1", request) is None
+            answer = decode_chunk_answer(service.chunk_for("cam-1", request) or b"")
+            # The device is told it will not come, and why, but not the bucket or its paths.
+            assert isinstance(answer, ChunkUnavailable) and answer.retry_after_s is None
+            assert (answer.offset, answer.update_id) == (offset, updates["cam-1"])
+            assert "push it again" in answer.reason and bucket not in answer.reason
     assert service.artifact_errors["ArtifactMissing"] == 2
     logged = [r.getMessage() for r in caplog.records if "vanished" in r.getMessage()]
     assert len(logged) == 1, "one line per artifact, not one per chunk"
