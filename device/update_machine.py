@@ -20,6 +20,7 @@ class Event(StrEnum):
     HEALTHY = "healthy"
     FAIL = "fail"
     ROLL_BACK = "roll_back"
+    RESUME = "resume"
 
 
 TRANSITIONS: dict[tuple[S, Event], S] = {
@@ -38,6 +39,10 @@ for _state in (S.OFFERED, S.DOWNLOADING, S.VERIFYING, S.APPLYING, S.STAGED, S.TE
     TRANSITIONS[(_state, Event.FAIL)] = S.FAILED
 # After the switch a failure must put the old slot back.
 TRANSITIONS[(S.PROBATION, Event.FAIL)] = S.ROLLED_BACK
+# A restart while the payload was checked or unpacked: back to the download, which keeps the part of
+# the file already on disk; the payload is checked and the slot written again from the start.
+for _state in (S.VERIFYING, S.APPLYING):
+    TRANSITIONS[(_state, Event.RESUME)] = S.DOWNLOADING
 # A rollback asked for outside an update (fleet command, local API): its own record, straight to the end.
 TRANSITIONS[(S.IDLE, Event.ROLL_BACK)] = S.ROLLED_BACK
 

@@ -26,6 +26,9 @@ class UpdateRecord:
     # agent died loading it, which counts as one failed start of the model.
     loading: bool = False
     failed_starts: int = 0  # in a row; a start that proved the model resets it
+    # Restarts while verifying or applying that sent the update back to its download: bounded, so a
+    # payload that kills the agent as it is unpacked fails instead of looping.
+    resumes: int = 0
 
     @property
     def update_id(self) -> str:
@@ -48,6 +51,7 @@ class UpdateRecord:
             "waiting_for": self.waiting_for,
             "loading": self.loading,
             "failed_starts": self.failed_starts,
+            "resumes": self.resumes,
         }
 
     @classmethod
@@ -65,4 +69,5 @@ class UpdateRecord:
             waiting_for=data.get("waiting_for"),
             loading=bool(data.get("loading", False)),
             failed_starts=int(data.get("failed_starts", 0)),
+            resumes=int(data.get("resumes", 0)),
         )

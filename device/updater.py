@@ -54,6 +54,8 @@ from protocol.targets import archive_target_name, delta_target_name
 __all__ = ["CHUNK_ATTEMPTS", "CHUNK_TIMEOUT_S", "UpdateRecord", "Updater"]
 
 log = logging.getLogger(__name__)
+# Restarts while verifying or applying that go back to the download before the update fails.
+MAX_RESUMES = 3
 DISK_HEADROOM_BYTES = 32 * 1024 * 1024
 SWITCH_POLL_S = 0.1  # how soon a switch follows the line going idle or a window opening
 RETIRE_GRACE_S = 5.0  # a replaced model stays open this long for a pipeline call still inside it
@@ -204,6 +206,19 @@ class Updater:
                 async with self._probation_of(record) as probation:
                     await self._probation(record, slots, None, probation)
                 return
+            checking = record.state in (UpdateState.VERIFYING, UpdateState.APPLYING)
+            if checking and record.resumes < MAX_RESUMES:
+                # The payload on disk is checked again and the inactive slot rewritten from scratch:
+                # a power cut is not the update's fault (the soak's 5 failures in 200 were these).
+                record.resumes += 1
+                log.info(
+                    "update %s: restarted while %s (%d of %d); checking the payload again",
+                    record.update_id,
+                    record.state.value,
+                    record.resumes,
+                    MAX_RESUMES,
+                )
+                await self.step(record, Event.RESUME)
             if record.state is UpdateState.DOWNLOADING:
                 # Nothing is written outside downloads/ yet; the verified part of the file is kept.
                 log.info("update %s: restarted while downloading, resuming", record.update_id)
@@ -212,6 +227,10 @@ class Updater:
                 if candidate is not None:
                     await self._switch_when_allowed(record, slots, candidate)
                 return
+            if record.state is UpdateState.STAGED and record.target_slot is not None:
+                # Died between writing the slot and journaling its test: the slot is whole.
+                record.loading = True
+                await self.step(record, Event.LOADED)
             # A restart while testing (loading, golden vectors, waiting to switch) proves the staged,
             # re-verified slot again: a power cut is not the model's fault. A model that kills the
             # agent while loading counts a failed start each time (update_boot) and fails at the third.
@@ -230,6 +249,8 @@ class Updater:
                 # Journaled the switch but the link never moved (or was moved back): the old slot is active.
                 record.state = UpdateState.TESTING
             reason = f"agent restarted during {record.state.value}"
+            if checking:
+                reason += f" {record.resumes + 1} times (the payload may crash the agent)"
             if record.failed_starts:
                 reason += (
                     f", while loading v{record.update.version} ({record.failed_starts} failed start(s) "

@@ -19,7 +19,7 @@ from device.line import LineState
 from device.slots import ModelSlots, install_initial
 from device.tuf_client import TufClient, bootstrap
 from device.update_boot import load_at_boot
-from device.updater import Updater, UpdateRecord
+from device.updater import MAX_RESUMES, Updater, UpdateRecord
 from fleet.tuf_repository import Expiries, MetadataNotFound, TufRepository
 from models.package import pack, write_manifest
 from models.package_delta import build_package_delta, manifest_sha256
@@ -242,18 +242,58 @@ def test_package_that_contradicts_its_metadata_is_refused(
     assert_still_serving_v1(serving_v1, data_dir)
 
 
-def test_restart_mid_update_fails_it_and_keeps_the_old_model(
+@pytest.mark.parametrize("state", [UpdateState.VERIFYING, UpdateState.APPLYING])
+def test_a_restart_while_checking_or_unpacking_goes_back_to_the_download(
+    serving_v1: Engine,
+    data_dir: Path,
+    archives: dict[int, Path],
+    fleet_tuf: TufRepository,
+    state: UpdateState,
+) -> None:
+    payload = archives[2].read_bytes()
+    offer = offer_for(payload)
+    journal_as_if(data_dir, offer, state)
+    slots = ModelSlots(data_dir / "models" / "surface-defect")
+    (slots.slot_dir("b") / "half-written").parent.mkdir(parents=True, exist_ok=True)
+    (slots.slot_dir("b") / "half-written").write_bytes(b"from the run the power cut ended")
+    fleet = MemoryFleet(payload)
+    updater = make_updater(data_dir, serving_v1, fleet, fleet_tuf)
+    asyncio.run(updater.recover())
+    assert fleet.states[0] == "downloading" and fleet.states[-1] == "committed", fleet.states
+    assert serving_v1.get("surface-defect").manifest.version == 2
+    assert not (slots.slot_dir("b") / "half-written").exists(), "the slot was written again from scratch"
+    assert updater.record is not None and updater.record.resumes == 1
+
+
+def test_a_payload_that_kills_the_agent_as_it_is_unpacked_fails_after_three_tries(
     serving_v1: Engine, data_dir: Path, archives: dict[int, Path], fleet_tuf: TufRepository
 ) -> None:
     payload = archives[2].read_bytes()
     offer = offer_for(payload)
-    journal_as_if(data_dir, offer, UpdateState.APPLYING)
+    record = UpdateRecord(update=offer.update, state=UpdateState.APPLYING, target_slot="b", previous_slot="a")
+    record.resumes = MAX_RESUMES  # three restarts in a row already sent it back to the download
+    (data_dir / "update-journal.json").write_text(json.dumps(record.to_json()))
     fleet = MemoryFleet(payload)
     updater = make_updater(data_dir, serving_v1, fleet, fleet_tuf)
     asyncio.run(updater.recover())
-    assert fleet.states == ["failed"] and "restarted during applying" in fleet.statuses[0].reason
-    assert updater.state is UpdateState.FAILED
+    assert fleet.states == ["failed"]
+    assert "restarted during applying 4 times (the payload may crash the agent)" in fleet.statuses[0].reason
     assert_still_serving_v1(serving_v1, data_dir)
+
+
+def test_a_restart_between_writing_the_slot_and_testing_it_tests_the_slot(
+    serving_v1: Engine, data_dir: Path, archives: dict[int, Path], fleet_tuf: TufRepository
+) -> None:
+    payload = archives[2].read_bytes()
+    offer = offer_for(payload)
+    journal_as_if(data_dir, offer, UpdateState.STAGED)
+    ModelSlots(data_dir / "models" / "surface-defect").unpack_into("b", archives[2])
+    fleet = MemoryFleet(payload)
+    updater = make_updater(data_dir, serving_v1, fleet, fleet_tuf)
+    asyncio.run(updater.recover())
+    assert fleet.states[0] == "testing" and fleet.states[-1] == "committed", fleet.states
+    assert "downloading" not in fleet.states, "a whole slot is not fetched again"
+    assert serving_v1.get("surface-defect").manifest.version == 2
 
 
 def test_a_repeated_offer_is_answered_with_the_journaled_state(
