@@ -8,15 +8,21 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import select
 
 from edgefleet.procs import free_port
 from fleet.broker import ManagedBroker
 from fleet.broker_auth import FLEET_USER
-from fleet.db import open_database
+from fleet.db import Device, TelemetryRecordRow, open_database
 from fleet.mqtt_link import LinkError, LinkOptions, MqttLink, publish_packet, varint
+from fleet.mqtt_worker import FleetWorker
 from fleet.service import FleetService
 from fleet.store import FleetDataDir
+from models.signing import public_key_pem
 from protocol import topics
+from protocol.messages import TelemetryRecord, encode
+from protocol.sealed import seal
 from tests.integration.test_telemetry_link import until
 
 TELEMETRY = topics.shared(topics.all_devices(topics.TELEMETRY))
@@ -331,3 +337,84 @@ def test_a_broker_that_goes_silent_is_dropped_after_one_and_a_half_keepalives() 
         return asyncio.get_running_loop().time() - started
 
     assert 2.5 < asyncio.run(scenario()) < 6
+
+
+# -- the worker's telemetry link over a resumed session ----------------------------------------------
+def _sealed_records(fleet: Fleet, count: int) -> list[bytes]:
+    """`count` records as cam-1's outbox would send them, cam-1's signing key pinned at the fleet."""
+    key = Ed25519PrivateKey.generate()
+    with fleet.service.sessions.begin() as s:
+        device = s.get(Device, "cam-1")
+        assert device is not None
+        device.public_key = public_key_pem(key)
+    record = encode(TelemetryRecord(kind="metric", ts=0.0, body={"n": 1}))
+    return [
+        seal(
+            record,
+            device_id="cam-1",
+            seq=seq,
+            device_key=key,
+            fleet_public=fleet.service.telemetry_key.public_key(),
+            fleet_key_id=fleet.service.telemetry_key_id,
+        )
+        for seq in range(1, count + 1)
+    ]
+
+
+def test_records_redelivered_to_a_resumed_worker_session_are_acked_by_it(fleet: Fleet) -> None:
+    """A worker died holding records it had not acked; the next worker under its client id resumes
+    the session and Mosquitto redelivers them at once, before the SUBACK. The new worker stores
+    them and must ack them too: unacked, they hold the session's inflight slots and come again on
+    every later connection. (Before 1f564c0 the worker counted a new link session only after the
+    SUBACK, so the redelivered records carried the old session's number and their acks were dropped.)"""
+    worker_id = "w0"
+    client_id = f"edgefleet-{worker_id}-telemetry"  # the client id FleetWorker's link connects as
+    topic = topics.device_topic("cam-1", topics.TELEMETRY)
+
+    async def scenario() -> None:
+        envelopes = _sealed_records(fleet, 20)
+        # The worker that dies: its link receives every record and never acks one.
+        dead: Received = []
+        link = await connected(fleet.options(client_id), dead)
+        await link.subscribe(TELEMETRY)
+        async with fleet.device() as device:
+            for envelope in envelopes:
+                await device.publish(topic, envelope, qos=1)
+        await until("the records at the dying worker", lambda: len(dead) == 20)
+        await link.close()
+
+        # The worker that takes over: FleetWorker's own link loop, ingest and acks.
+        worker = FleetWorker(fleet.service, "127.0.0.1", fleet.port, worker_id=worker_id, telemetry_only=True)
+        handled: list[object] = []
+        ack = worker.telemetry.on_handled
+        assert ack is not None
+
+        def counted(tokens: list[object]) -> None:
+            ack(tokens)  # PUBACKs written before the count says so, so stopping after it loses none
+            handled.extend(tokens)
+
+        worker.telemetry.on_handled = counted
+        running = asyncio.create_task(worker.run())
+        try:
+            await until("the redelivered records handled", lambda: len(handled) == 20)
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+        with fleet.service.sessions() as s:
+            stored = s.scalars(select(TelemetryRecordRow.seq).order_by(TelemetryRecordRow.seq)).all()
+        assert stored == list(range(1, 21))
+
+        # The session once more: what it holds unacked comes first, then what is new.
+        after: Received = []
+        link = await connected(fleet.options(client_id), after)
+        async with fleet.device() as device:
+            await device.publish(topic, b"marker", qos=1)
+            await until("the marker", lambda: any(payload == b"marker" for _, payload, _ in after))
+        await link.close()
+        again = sum(payload in envelopes for _, payload, _ in after)
+        assert again == 0, (
+            f"{again} of the 20 records came a third time: the resumed session never acked them"
+        )
+        assert [payload for _, payload, _ in after] == [b"marker"]
+
+    asyncio.run(scenario())

@@ -5,7 +5,6 @@ On another CPU the tests retarget a copy to this machine's key before packaging 
 still compile and give the same numbers there, which is what these test (not their speed).
 """
 
-import dataclasses
 import json
 import shutil
 from collections.abc import Callable
@@ -16,11 +15,11 @@ import pytest
 
 from device.engine.backends.tvm_backend import CACHE_ENV, RECORDS_ENV, TvmBackend
 from device.engine.engine import Engine, load_golden
-from device.engine.probe import HardwareProfile, llvm_target_parts, probe
+from device.engine.probe import HardwareProfile, llvm_target_parts
 from device.engine.registry import select_and_load
 from device.errors import EngineError, NoBackendAvailable
 from device.slots import ModelSlots, install_initial
-from models.manifest import load_manifest
+from models.manifest import Manifest, load_manifest
 from models.package import pack, write_manifest
 from models.tvm_tuning import (
     META_FILE,
@@ -47,18 +46,8 @@ COMMITTED = ZOO / "tvm" / V1.files["model.onnx"].sha256 / "x86_64-znver3"
 
 
 @pytest.fixture(scope="module")
-def profile() -> HardwareProfile:
-    profile = probe()
-    try:
-        llvm_target_parts(profile)
-    except ValueError as e:
-        pytest.skip(f"TVM backs x86_64 and aarch64 only: {e}")
-    return dataclasses.replace(profile, runtimes={**profile.runtimes, "tvm": True})
-
-
-@pytest.fixture(scope="module")
-def key(profile: HardwareProfile) -> str:
-    return target_key(llvm_target_parts(profile))
+def key(tvm_profile: HardwareProfile) -> str:
+    return target_key(llvm_target_parts(tvm_profile))
 
 
 @pytest.fixture(autouse=True)
@@ -112,15 +101,27 @@ def _install(tmp: Path, package: Path) -> Path:
     return ModelSlots(tmp / "models" / V1.name).current
 
 
+def _with_tuning_meta(slot: Path, dest: Path, **changes: object) -> tuple[Path, Manifest]:
+    """A copy of an installed package whose shipped tuning meta has `changes`, with its manifest
+    rewritten to match, so the edit passes the file hashes and only the meta's content is judged."""
+    manifest = load_manifest(slot)
+    copy = Path(shutil.copytree(slot.resolve(), dest))
+    (entry,) = manifest.tvm_records
+    meta = json.loads((copy / entry.tuning).read_text())
+    (copy / entry.tuning).write_text(json.dumps({**meta, **changes}))
+    fields = manifest.model_dump(mode="json", by_alias=True, exclude={"files"})
+    return copy, write_manifest(copy, fields, list(manifest.files))
+
+
 Installer = Callable[[float | None], Path]
 
 
 @pytest.fixture
-def installed(tmp_path: Path, profile: HardwareProfile) -> Installer:
+def installed(tmp_path: Path, tvm_profile: HardwareProfile) -> Installer:
     """An installed package whose records fit this CPU, compared at the given speedup (or not)."""
 
     def make(speedup: float | None) -> Path:
-        target = {k: v for k, v in llvm_target_parts(profile).items() if k in ("kind", "mtriple", "mcpu")}
+        target = {k: v for k, v in llvm_target_parts(tvm_profile).items() if k in ("kind", "mtriple", "mcpu")}
         return _install(tmp_path, _package(tmp_path / "pkg", _records(tmp_path / "rec", target, speedup)))
 
     return make
@@ -134,14 +135,14 @@ def _ort(model: Path, x: np.ndarray) -> np.ndarray:
 
 
 def test_tvm_runs_a_model_with_the_records_its_installed_package_ships(
-    installed: Installer, profile: HardwareProfile
+    installed: Installer, tvm_profile: HardwareProfile
 ) -> None:
     slot = installed(None)
     manifest = load_manifest(slot)
     backend = TvmBackend()  # no records roots, no EDGEFLEET_TVM_RECORDS
     assert backend.records_roots == []
-    assert backend.unavailable_reason(profile, manifest) is None
-    serving = Engine(profile, backends=[backend]).prepare(slot, manifest)  # golden vectors and budget
+    assert backend.unavailable_reason(tvm_profile, manifest) is None
+    serving = Engine(tvm_profile, backends=[backend]).prepare(slot, manifest)  # golden vectors and budget
     assert serving.backend == "tvm"
     assert getattr(serving.model, "records_source", "").startswith("the package (model.tvm-")
     inputs, expected = load_golden(slot, manifest)
@@ -155,34 +156,34 @@ def test_tvm_runs_a_model_with_the_records_its_installed_package_ships(
 
 
 def test_the_device_prefers_tvm_where_its_records_were_measured_faster(
-    installed: Installer, profile: HardwareProfile
+    installed: Installer, tvm_profile: HardwareProfile
 ) -> None:
     slot = installed(2.0)
-    serving = Engine(profile).prepare(slot, load_manifest(slot))  # the registry's own order
+    serving = Engine(tvm_profile).prepare(slot, load_manifest(slot))  # the registry's own order
     assert serving.backend == "tvm", serving.passed_over
     serving.model.close()
 
 
 def test_records_measured_slower_step_aside_for_onnxruntime_even_when_pinned(
-    installed: Installer, profile: HardwareProfile
+    installed: Installer, tvm_profile: HardwareProfile
 ) -> None:
     slot = installed(0.78)
     manifest = load_manifest(slot)
-    serving = Engine(profile).prepare(slot, manifest)
+    serving = Engine(tvm_profile).prepare(slot, manifest)
     assert serving.backend == "onnxruntime-cpu"
     reason = serving.passed_over["tvm"]
     assert "found in the package" in reason and "0.78x ONNX Runtime's speed" in reason
     assert f"must reach {MIN_SPEEDUP}x" in reason
     with pytest.raises(NoBackendAvailable, match=r"0\.78x"):
-        select_and_load(slot / "model.onnx", manifest, profile, pinned="tvm")
+        select_and_load(slot / "model.onnx", manifest, tvm_profile, pinned="tvm")
     # An explicit backend list is the caller's own choice (tests, benchmarks): TVM loads.
-    model = TvmBackend().load(slot / "model.onnx", manifest, profile)
+    model = TvmBackend().load(slot / "model.onnx", manifest, tvm_profile)
     assert model.run({"image": np.zeros((1, 3, 64, 64), np.float32)})["logits"].shape == (1, 4)
     model.close()
 
 
 def test_records_for_another_cpu_are_ignored_with_the_reason(
-    tmp_path: Path, profile: HardwareProfile, key: str
+    tmp_path: Path, tvm_profile: HardwareProfile, key: str
 ) -> None:
     other = (
         ("aarch64-linux-gnu", "cortex-a76") if key != "aarch64-cortex-a76" else ("x86_64-linux-gnu", "znver4")
@@ -192,16 +193,18 @@ def test_records_for_another_cpu_are_ignored_with_the_reason(
     manifest = load_manifest(slot)
     other_key = target_key(target)
     expected = f"the package ships TVM records for {other_key} only, this CPU is {key}"
-    assert expected in (TvmBackend().unavailable_reason(profile, manifest) or "")
-    selection = select_and_load(slot / "model.onnx", manifest, profile)
+    assert expected in (TvmBackend().unavailable_reason(tvm_profile, manifest) or "")
+    selection = select_and_load(slot / "model.onnx", manifest, tvm_profile)
     assert selection.backend == "onnxruntime-cpu"
     assert expected in selection.passed_over["tvm"]
     with pytest.raises(EngineError, match=f"no TVM records for model.onnx .* on {key}"):
-        TvmBackend().load(slot / "model.onnx", manifest, profile)
+        TvmBackend().load(slot / "model.onnx", manifest, tvm_profile)
 
 
-def test_the_sample_package_says_what_its_records_are_worth_here(profile: HardwareProfile, key: str) -> None:
-    selection = select_and_load(ZOO / "v2" / "model.onnx", load_manifest(ZOO / "v2"), profile)
+def test_the_sample_package_says_what_its_records_are_worth_here(
+    tvm_profile: HardwareProfile, key: str
+) -> None:
+    selection = select_and_load(ZOO / "v2" / "model.onnx", load_manifest(ZOO / "v2"), tvm_profile)
     assert selection.backend == "onnxruntime-cpu"
     reason = selection.passed_over["tvm"]
     if key == "x86_64-znver3":  # where they were tuned and measured slower than ONNX Runtime
@@ -213,32 +216,27 @@ def test_the_sample_package_says_what_its_records_are_worth_here(profile: Hardwa
 
 
 def test_package_records_come_first_then_the_roots(
-    tmp_path: Path, installed: Installer, profile: HardwareProfile, key: str
+    tmp_path: Path, installed: Installer, tvm_profile: HardwareProfile, key: str
 ) -> None:
     slot = installed(None)
     manifest = load_manifest(slot)
     sha = manifest.files["model.onnx"].sha256
     root = tmp_path / "root"
     shutil.copytree(tmp_path / "rec", root / sha / key)  # the same records the package ships
-    first = TvmBackend(records_roots=[root]).load(slot / "model.onnx", manifest, profile)
+    first = TvmBackend(records_roots=[root]).load(slot / "model.onnx", manifest, tvm_profile)
     assert first.records_source.startswith("the package")
     first.close()
     # The package's records are for another TVM: the root's are used, and the reason says why.
-    (entry,) = manifest.tvm_records
-    copy = Path(shutil.copytree(slot.resolve(), tmp_path / "copy"))
-    meta = json.loads((copy / entry.tuning).read_text())
-    (copy / entry.tuning).write_text(json.dumps({**meta, "tvm_version": "0.99.0"}))
-    fields = manifest.model_dump(mode="json", by_alias=True, exclude={"files"})
-    changed = write_manifest(copy, fields, list(manifest.files))
-    second = TvmBackend(records_roots=[root]).load(copy / "model.onnx", changed, profile)
+    copy, changed = _with_tuning_meta(slot, tmp_path / "copy", tvm_version="0.99.0")
+    second = TvmBackend(records_roots=[root]).load(copy / "model.onnx", changed, tvm_profile)
     assert second.records_source == f"records root {root}"
     second.close()
-    reason = TvmBackend().preference_reason(copy / "model.onnx", changed, profile) or ""
+    reason = TvmBackend().preference_reason(copy / "model.onnx", changed, tvm_profile) or ""
     assert "tuned with TVM 0.99.0" in reason
 
 
 def test_stale_records_for_an_edited_model_are_not_used(
-    tmp_path: Path, installed: Installer, profile: HardwareProfile
+    tmp_path: Path, installed: Installer, tvm_profile: HardwareProfile
 ) -> None:
     """A package rewritten around a changed model file but still listing the old records."""
     slot = installed(None)
@@ -247,9 +245,9 @@ def test_stale_records_for_an_edited_model_are_not_used(
     shutil.copyfile(ZOO / "v2" / "model.onnx", copy / "model.onnx")
     fields = manifest.model_dump(mode="json", by_alias=True, exclude={"files"})
     edited = write_manifest(copy, fields, list(manifest.files))
-    reason = TvmBackend().preference_reason(copy / "model.onnx", edited, profile) or ""
+    reason = TvmBackend().preference_reason(copy / "model.onnx", edited, tvm_profile) or ""
     assert "tuned for sha256 96357cb224e7, not this model file (d21a45c5381e)" in reason
-    selection = select_and_load(copy / "model.onnx", edited, profile)
+    selection = select_and_load(copy / "model.onnx", edited, tvm_profile)
     assert selection.backend == "onnxruntime-cpu" and "not this model file" in selection.passed_over["tvm"]
 
 
@@ -295,17 +293,11 @@ def test_the_committed_comparison_is_what_the_sample_packages_carry() -> None:
 
 
 def test_an_unreadable_comparison_passes_tvm_over_with_the_reason(
-    tmp_path: Path, installed: Installer, profile: HardwareProfile
+    tmp_path: Path, installed: Installer, tvm_profile: HardwareProfile
 ) -> None:
     slot = installed(None)
-    manifest = load_manifest(slot)
-    copy = Path(shutil.copytree(slot.resolve(), tmp_path / "copy"))
-    (entry,) = manifest.tvm_records
-    meta = json.loads((copy / entry.tuning).read_text())
-    (copy / entry.tuning).write_text(json.dumps({**meta, "onnxruntime": {"tvm_ms": "fast"}}))
-    fields = manifest.model_dump(mode="json", by_alias=True, exclude={"files"})
-    changed = write_manifest(copy, fields, list(manifest.files))
-    selection = select_and_load(copy / "model.onnx", changed, profile)
+    copy, changed = _with_tuning_meta(slot, tmp_path / "copy", onnxruntime={"tvm_ms": "fast"})
+    selection = select_and_load(copy / "model.onnx", changed, tvm_profile)
     assert selection.backend == "onnxruntime-cpu"
     assert "onnxruntime comparison is invalid" in selection.passed_over["tvm"]
 

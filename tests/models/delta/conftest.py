@@ -4,7 +4,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import strategies as st
 
+from models.delta import DeltaError, apply
 from models.delta.format import TRAILER_LEN, TRAILER_MAGIC, varint
 
 
@@ -15,6 +17,39 @@ def reseal(body: bytes) -> bytes:
 
 def unseal(delta: bytes) -> bytes:
     return delta[:-TRAILER_LEN]
+
+
+def mutated(data: st.DataObject, delta: bytes) -> bytes:
+    """`delta` with one to four bytes changed, runs cut or bytes inserted, then resealed: the
+    trailer passes, so only the decoder itself stands between the damage and the output."""
+    body = bytearray(unseal(delta))
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(body) - 1))
+        action = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        if action == "flip":
+            body[at] = data.draw(st.integers(0, 255))
+        elif action == "cut":
+            del body[at : at + data.draw(st.integers(1, 64))]
+        else:
+            body[at:at] = data.draw(st.binary(min_size=1, max_size=16))
+    return reseal(bytes(body))
+
+
+def refused_or_exact(base: Path, delta: bytes, folder: Path, target: bytes) -> None:
+    """Apply `delta` (written into `folder`) to `base`: either it is refused and nothing is
+    written, or it rebuilds exactly `target`; no temp file is left either way."""
+    before = [p.name for p in folder.iterdir()]
+    path, out = folder / "m.efd", folder / "out"
+    path.write_bytes(delta)
+    try:
+        apply(base, path, out, max_output=1 << 20)
+    except DeltaError:
+        assert not out.exists()
+    else:
+        assert out.read_bytes() == target
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [*before, "m.efd", *(["out"] if out.exists() else [])]
+    )
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import pytest
 
 from device.engine.backends.tvm_backend import RECORDS_ENV, TvmBackend
 from device.engine.engine import Engine, load_golden
-from device.engine.probe import HardwareProfile, llvm_target_parts, probe
+from device.engine.probe import HardwareProfile, llvm_target_parts
 from device.errors import EngineError, NoBackendAvailable
 from models.manifest import Manifest, ModelFormat, load_manifest
 from models.package import write_manifest
@@ -30,16 +30,6 @@ ZOO = Path(__file__).resolve().parents[4] / "models" / "zoo" / "surface_defect"
 COMMITTED = ZOO / "tvm"
 # TVM and ONNX Runtime sum the convolutions in different orders; fp32 logits agree to ~1e-5 here.
 ATOL = 1e-4
-
-
-@pytest.fixture(scope="session")
-def profile() -> HardwareProfile:
-    profile = probe()
-    try:
-        llvm_target_parts(profile)
-    except ValueError as e:
-        pytest.skip(f"TVM backs x86_64 and aarch64 only: {e}")
-    return profile
 
 
 @pytest.fixture(scope="session")
@@ -58,10 +48,10 @@ def _committed_folder(manifest: Manifest) -> Path:
 
 @pytest.fixture(scope="session")
 def records_root(
-    tmp_path_factory: pytest.TempPathFactory, profile: HardwareProfile, manifest: Manifest
+    tmp_path_factory: pytest.TempPathFactory, tvm_profile: HardwareProfile, manifest: Manifest
 ) -> Path:
     """The committed records root, or a copy with each model's records under this CPU's target key."""
-    key = target_key(llvm_target_parts(profile))
+    key = target_key(llvm_target_parts(tvm_profile))
     if _committed_folder(manifest).name == key:
         return COMMITTED
     root = tmp_path_factory.mktemp("records")
@@ -82,14 +72,14 @@ class FirstLoad:
 def first_load(
     tmp_path_factory: pytest.TempPathFactory,
     records_root: Path,
-    profile: HardwareProfile,
+    tvm_profile: HardwareProfile,
     manifest: Manifest,
 ) -> FirstLoad:
     """One compile with the records into a fresh cache, shared by the tests (it takes seconds)."""
     cache = tmp_path_factory.mktemp("tvm-cache")
     started = time.monotonic()
     model = TvmBackend(records_roots=[records_root], cache_dir=cache).load(
-        ZOO / "v1" / "model.onnx", manifest, profile
+        ZOO / "v1" / "model.onnx", manifest, tvm_profile
     )
     seconds = time.monotonic() - started
     model.close()
@@ -103,48 +93,50 @@ def _ort(model: Path, x: np.ndarray) -> np.ndarray:
     return np.asarray(session.run(["logits"], {"image": x})[0])
 
 
-def test_unavailable_without_records(tmp_path: Path, profile: HardwareProfile, manifest: Manifest) -> None:
-    reason = TvmBackend(records_roots=[tmp_path]).unavailable_reason(profile, manifest)
+def test_unavailable_without_records(
+    tmp_path: Path, tvm_profile: HardwareProfile, manifest: Manifest
+) -> None:
+    reason = TvmBackend(records_roots=[tmp_path]).unavailable_reason(tvm_profile, manifest)
     assert reason is not None
     assert "no tuned schedules" in reason and manifest.files["model.onnx"].sha256[:12] in reason
 
 
 def test_unavailable_with_no_roots_names_the_setting(
-    monkeypatch: pytest.MonkeyPatch, profile: HardwareProfile, manifest: Manifest
+    monkeypatch: pytest.MonkeyPatch, tvm_profile: HardwareProfile, manifest: Manifest
 ) -> None:
     monkeypatch.delenv(RECORDS_ENV, raising=False)
-    reason = TvmBackend().unavailable_reason(profile, manifest)
+    reason = TvmBackend().unavailable_reason(tvm_profile, manifest)
     assert reason is not None and RECORDS_ENV in reason
 
 
 def test_unavailable_for_non_onnx_and_without_tvm(
-    records_root: Path, profile: HardwareProfile, manifest: Manifest
+    records_root: Path, tvm_profile: HardwareProfile, manifest: Manifest
 ) -> None:
     backend = TvmBackend(records_roots=[records_root])
     tflite = manifest.model_copy(update={"format": ModelFormat.TFLITE})
-    assert "ONNX models only" in (backend.unavailable_reason(profile, tflite) or "")
-    no_tvm = dataclasses.replace(profile, runtimes={**profile.runtimes, "tvm": False})
+    assert "ONNX models only" in (backend.unavailable_reason(tvm_profile, tflite) or "")
+    no_tvm = dataclasses.replace(tvm_profile, runtimes={**tvm_profile.runtimes, "tvm": False})
     assert "apache-tvm is not installed" in (backend.unavailable_reason(no_tvm, manifest) or "")
 
 
 def test_records_from_another_tvm_version_are_passed_over(
-    tmp_path: Path, records_root: Path, profile: HardwareProfile, manifest: Manifest
+    tmp_path: Path, records_root: Path, tvm_profile: HardwareProfile, manifest: Manifest
 ) -> None:
     sha = manifest.files["model.onnx"].sha256
-    key = target_key(llvm_target_parts(profile))
+    key = target_key(llvm_target_parts(tvm_profile))
     folder = Path(shutil.copytree(records_root / sha / key, tmp_path / sha / key))
     meta = json.loads((folder / META_FILE).read_text())
     (folder / META_FILE).write_text(json.dumps({**meta, "tvm_version": "0.99.0"}))
-    reason = TvmBackend(records_roots=[tmp_path]).unavailable_reason(profile, manifest)
+    reason = TvmBackend(records_roots=[tmp_path]).unavailable_reason(tvm_profile, manifest)
     assert reason is not None and "0.99.0" in reason
 
 
 def test_loads_with_committed_records_passes_golden_and_matches_onnxruntime(
-    records_root: Path, first_load: FirstLoad, profile: HardwareProfile, manifest: Manifest
+    records_root: Path, first_load: FirstLoad, tvm_profile: HardwareProfile, manifest: Manifest
 ) -> None:
     backend = TvmBackend(records_roots=[records_root], cache_dir=first_load.cache)
-    assert backend.unavailable_reason(profile, manifest) is None
-    engine = Engine(profile, backends=[backend])
+    assert backend.unavailable_reason(tvm_profile, manifest) is None
+    engine = Engine(tvm_profile, backends=[backend])
     serving = engine.prepare(ZOO / "v1", manifest)  # warm-up, golden vectors and latency budget
     assert serving.backend == "tvm"
     inputs, expected = load_golden(ZOO / "v1", manifest)
@@ -162,13 +154,13 @@ def test_loads_with_committed_records_passes_golden_and_matches_onnxruntime(
 
 
 def test_second_load_comes_from_the_cache(
-    records_root: Path, first_load: FirstLoad, profile: HardwareProfile, manifest: Manifest
+    records_root: Path, first_load: FirstLoad, tvm_profile: HardwareProfile, manifest: Manifest
 ) -> None:
     """A new backend on the same cache (an agent restart) loads the libraries without compiling."""
     assert not first_load.cache_hit and all(path.is_file() for path in first_load.libraries)
     backend = TvmBackend(records_roots=[records_root], cache_dir=first_load.cache)
     started = time.monotonic()
-    second = backend.load(ZOO / "v1" / "model.onnx", manifest, profile)
+    second = backend.load(ZOO / "v1" / "model.onnx", manifest, tvm_profile)
     cached_s = time.monotonic() - started
     assert second.cache_hit
     assert [lib.path for lib in second.libraries] == first_load.libraries
@@ -180,7 +172,11 @@ def test_second_load_comes_from_the_cache(
 
 
 def test_damaged_cached_library_is_rebuilt(
-    tmp_path: Path, records_root: Path, first_load: FirstLoad, profile: HardwareProfile, manifest: Manifest
+    tmp_path: Path,
+    records_root: Path,
+    first_load: FirstLoad,
+    tvm_profile: HardwareProfile,
+    manifest: Manifest,
 ) -> None:
     cache = Path(shutil.copytree(first_load.cache, tmp_path / "cache"))
     victim = cache / first_load.libraries[0].relative_to(first_load.cache)
@@ -190,7 +186,7 @@ def test_damaged_cached_library_is_rebuilt(
     damaged.write_bytes(b"\x7fELF truncated")
     damaged.replace(victim)
     again = TvmBackend(records_roots=[records_root], cache_dir=cache).load(
-        ZOO / "v1" / "model.onnx", manifest, profile
+        ZOO / "v1" / "model.onnx", manifest, tvm_profile
     )
     hits = {lib.path: lib.cache_hit for lib in again.libraries}
     assert hits[victim] is False and all(hit for path, hit in hits.items() if path != victim)
@@ -206,28 +202,28 @@ def _records_for(root: Path, source: Path, sha: str) -> Path:
 
 
 def test_corrupt_model_is_an_engine_error(
-    tmp_path: Path, records_root: Path, profile: HardwareProfile, manifest: Manifest
+    tmp_path: Path, records_root: Path, tvm_profile: HardwareProfile, manifest: Manifest
 ) -> None:
     package = Path(shutil.copytree(ZOO / "v1", tmp_path / "pkg"))
     (package / "model.onnx").write_bytes(b"\x08\x01garbage, not a protobuf")
     fields = manifest.model_dump(mode="json", by_alias=True, exclude={"files"})
     broken = write_manifest(package, fields, list(manifest.files))
     sha = broken.files["model.onnx"].sha256
-    key = target_key(llvm_target_parts(profile))
+    key = target_key(llvm_target_parts(tvm_profile))
     _records_for(tmp_path / "records", records_root / manifest.files["model.onnx"].sha256 / key, sha)
     backend = TvmBackend(records_roots=[tmp_path / "records"], cache_dir=tmp_path / "cache")
-    assert backend.unavailable_reason(profile, broken) is None  # records exist for these bytes
+    assert backend.unavailable_reason(tvm_profile, broken) is None  # records exist for these bytes
     with pytest.raises(EngineError, match="not a valid ONNX model"):
-        backend.load(package / "model.onnx", broken, profile)
+        backend.load(package / "model.onnx", broken, tvm_profile)
     with pytest.raises(NoBackendAvailable, match="tvm: load failed"):
-        Engine(profile, backends=[backend]).prepare(package, broken)
+        Engine(tvm_profile, backends=[backend]).prepare(package, broken)
 
 
 def test_records_missing_a_kernel_are_refused_not_run_untuned(
-    tmp_path: Path, records_root: Path, profile: HardwareProfile, manifest: Manifest
+    tmp_path: Path, records_root: Path, tvm_profile: HardwareProfile, manifest: Manifest
 ) -> None:
     sha = manifest.files["model.onnx"].sha256
-    key = target_key(llvm_target_parts(profile))
+    key = target_key(llvm_target_parts(tvm_profile))
     folder = Path(shutil.copytree(records_root / sha / key, tmp_path / "records" / sha / key))
     records = folder / RECORDS_FILES[1]
     lines = gzip.decompress(records.read_bytes()).decode().splitlines()
@@ -235,7 +231,7 @@ def test_records_missing_a_kernel_are_refused_not_run_untuned(
     records.write_bytes(gzip.compress(("\n".join(kept) + "\n").encode()))
     backend = TvmBackend(records_roots=[tmp_path / "records"], cache_dir=tmp_path / "cache")
     with pytest.raises(EngineError, match="no schedule for kernel"):
-        backend.load(ZOO / "v1" / "model.onnx", manifest, profile)
+        backend.load(ZOO / "v1" / "model.onnx", manifest, tvm_profile)
 
 
 def test_committed_records_describe_themselves(manifest: Manifest) -> None:
@@ -267,14 +263,14 @@ def test_fleet_cross_compiles_an_arm_library(tmp_path: Path, manifest: Manifest)
 
 
 def test_fine_tuned_version_runs_on_adopted_records(
-    tmp_path: Path, records_root: Path, profile: HardwareProfile
+    tmp_path: Path, records_root: Path, tvm_profile: HardwareProfile
 ) -> None:
     """v2 is v1 fine-tuned: same kernels, so v1's records were adopted for it, not re-tuned."""
     v2 = load_manifest(ZOO / "v2")
-    folder = records_root / v2.files["model.onnx"].sha256 / target_key(llvm_target_parts(profile))
+    folder = records_root / v2.files["model.onnx"].sha256 / target_key(llvm_target_parts(tvm_profile))
     assert TuningMeta.read(folder).adopted_from == load_manifest(ZOO / "v1").files["model.onnx"].sha256
     backend = TvmBackend(records_roots=[records_root], cache_dir=tmp_path / "cache")
-    serving = Engine(profile, backends=[backend]).prepare(ZOO / "v2", v2)  # golden vectors pass
+    serving = Engine(tvm_profile, backends=[backend]).prepare(ZOO / "v2", v2)  # golden vectors pass
     assert serving.backend == "tvm"
     serving.model.close()
 
