@@ -206,6 +206,10 @@ class Updater:
                 async with self._probation_of(record) as probation:
                     await self._probation(record, slots, None, probation)
                 return
+            if record.state is UpdateState.OFFERED:
+                # Died between journaling the verified offer and starting its download.
+                log.info("update %s: restarted before its download began; starting it", record.update_id)
+                await self.step(record, Event.ACCEPT)
             checking = record.state in (UpdateState.VERIFYING, UpdateState.APPLYING)
             if checking and record.resumes < MAX_RESUMES:
                 # The payload on disk is checked again and the inactive slot rewritten from scratch:

@@ -265,6 +265,18 @@ def test_a_restart_while_checking_or_unpacking_goes_back_to_the_download(
     assert updater.record is not None and updater.record.resumes == 1
 
 
+def test_a_restart_before_the_download_began_starts_it(
+    serving_v1: Engine, data_dir: Path, archives: dict[int, Path], fleet_tuf: TufRepository
+) -> None:
+    payload = archives[2].read_bytes()
+    journal_as_if(data_dir, offer_for(payload), UpdateState.OFFERED)
+    fleet = MemoryFleet(payload)
+    updater = make_updater(data_dir, serving_v1, fleet, fleet_tuf)
+    asyncio.run(updater.recover())
+    assert fleet.states[0] == "downloading" and fleet.states[-1] == "committed", fleet.states
+    assert serving_v1.get("surface-defect").manifest.version == 2
+
+
 def test_a_payload_that_kills_the_agent_as_it_is_unpacked_fails_after_three_tries(
     serving_v1: Engine, data_dir: Path, archives: dict[int, Path], fleet_tuf: TufRepository
 ) -> None:
