@@ -9,12 +9,15 @@ and checked against the CA's key before each re-write.
 """
 
 import datetime as dt
+import fcntl
 import hashlib
 import ipaddress
 import logging
 import os
 import ssl
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -270,11 +273,28 @@ class FleetCA:
             pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
         )
 
+    @contextmanager
+    def _service_certificates(self) -> Iterator[None]:
+        """Held while one of the fleet's own certificates is checked, (re-)issued or read with its key.
+
+        A fleet worker opens two broker sessions at once (its aiomqtt one and its telemetry link,
+        each from a thread), and `--ingest-workers` processes start together: without this, two of
+        them found the client certificate missing, each wrote a key and a certificate, and one read
+        the other's certificate with its own key ("key values mismatch") and retried with backoff.
+        An flock: it excludes threads (each opens the file anew) and processes alike.
+        """
+        with open(self.folder / ".service-certificates.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def _ensure_service_certificate(
         self, cert_path: Path, key_path: Path, common_name: str, client: bool, names: tuple[str, ...] = ()
     ) -> None:
         """(Re-)issue one of the fleet's own certificates when missing, expiring, from another CA, or
-        naming other hosts; its key is made here and stays here."""
+        naming other hosts; its key is made here and stays here. Callers hold `_service_certificates`."""
         if cert_path.exists() and key_path.exists():
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
             fresh = cert.not_valid_after_utc - _now() > RENEW_BEFORE and self._issued_here(cert)
@@ -298,7 +318,8 @@ class FleetCA:
         `names` (the host names and addresses devices use to reach it)."""
         all_names = tuple(dict.fromkeys((*_DEFAULT_BROKER_NAMES, *names)))
         cert, key = self.folder / "broker.pem", self.folder / "broker-key.pem"
-        self._ensure_service_certificate(cert, key, BROKER_NAME, client=False, names=all_names)
+        with self._service_certificates():
+            self._ensure_service_certificate(cert, key, BROKER_NAME, client=False, names=all_names)
         return BrokerTls(cafile=self.cert_path, certfile=cert, keyfile=key, crlfile=self.crl_path)
 
     def api_tls(self, names: tuple[str, ...] | list[str] = ()) -> tuple[Path, Path]:
@@ -307,18 +328,24 @@ class FleetCA:
         enrollment token never crosses the network in clear."""
         all_names = tuple(dict.fromkeys((*_DEFAULT_BROKER_NAMES, *names)))
         cert, key = self.folder / "api.pem", self.folder / "api-key.pem"
-        self._ensure_service_certificate(cert, key, "edgefleet-api", client=False, names=all_names)
+        with self._service_certificates():
+            self._ensure_service_certificate(cert, key, "edgefleet-api", client=False, names=all_names)
         return cert, key
 
     def fleet_client_files(self) -> tuple[Path, Path]:
         """The fleet workers' client certificate and key (CN = the fleet's broker user)."""
         cert, key = self.folder / "fleet-client.pem", self.folder / "fleet-client-key.pem"
-        self._ensure_service_certificate(cert, key, FLEET_USER, client=True)
+        with self._service_certificates():
+            self._ensure_service_certificate(cert, key, FLEET_USER, client=True)
         return cert, key
 
     def fleet_client_context(self) -> ssl.SSLContext:
-        cert, key = self.fleet_client_files()
-        return client_tls_context(self.cert_path, cert, key)
+        """A TLS context with the fleet workers' client certificate, checked, issued and read as one
+        step (another thread or process may be renewing it)."""
+        cert, key = self.folder / "fleet-client.pem", self.folder / "fleet-client-key.pem"
+        with self._service_certificates():
+            self._ensure_service_certificate(cert, key, FLEET_USER, client=True)
+            return client_tls_context(self.cert_path, cert, key)
 
     # -- checking and revoking ------------------------------------------------------------------
     def check(self, cert_pem: str | bytes, now: dt.datetime | None = None) -> x509.Certificate:

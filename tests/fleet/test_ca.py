@@ -2,7 +2,10 @@
 
 import datetime as dt
 import os
+import ssl
 import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -147,3 +150,24 @@ def test_the_fleet_workers_certificate_names_the_fleet_user(ca: FleetCA) -> None
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == FLEET_USER
     assert stat.S_IMODE(os.stat(key_path).st_mode) == 0o600
     assert ca.fleet_client_files()[0].read_bytes() == cert_path.read_bytes()
+
+
+def test_workers_starting_together_share_one_client_certificate(ca: FleetCA) -> None:
+    # A worker's two sessions (and --ingest-workers processes) ask for the client context at the same
+    # moment, each with its own FleetCA of the same folder. Unlocked, two issued at once and one read
+    # the other's certificate with its own key: ssl.SSLError "key values mismatch".
+    barrier = threading.Barrier(8)
+
+    def context() -> ssl.SSLContext:
+        barrier.wait()
+        return FleetCA(ca.folder).fleet_client_context()
+
+    for _ in range(5):
+        for name in ("fleet-client.pem", "fleet-client-key.pem"):
+            (ca.folder / name).unlink(missing_ok=True)
+        with ThreadPoolExecutor(8) as pool:
+            contexts = list(pool.map(lambda _: context(), range(8)))
+        assert len(contexts) == 8
+        issued = x509.load_pem_x509_certificate((ca.folder / "fleet-client.pem").read_bytes())
+        key = serialization.load_pem_private_key((ca.folder / "fleet-client-key.pem").read_bytes(), None)
+        assert issued.public_key() == key.public_key()
