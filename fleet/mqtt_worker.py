@@ -484,8 +484,6 @@ class FleetWorker:
         try:
             if leaf == topics.CHUNK_REQUEST:
                 frame = await self.service.answer_chunk(device_id, decode(ChunkRequest, payload))
-                if frame is None:
-                    return
                 answer = topics.CMD_CHUNK
             else:
                 name = decode(MetadataRequest, payload).name

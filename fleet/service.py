@@ -103,6 +103,11 @@ def _unavailable(request: ChunkRequest, error: ArtifactStoreError) -> ChunkUnava
     return ChunkUnavailable(request.update_id, request.offset, reason, CHUNK_RETRY_AFTER_S)
 
 
+def _refusal(request: ChunkRequest, reason: str) -> bytes:
+    """A chunk request that can never be answered with bytes, answered so the device stops asking."""
+    return encode_chunk_unavailable(ChunkUnavailable(request.update_id, request.offset, reason, None))
+
+
 class _NeedsNetwork:
     """A chunk the artifact store cannot read without waiting on the network."""
 
@@ -901,15 +906,15 @@ class FleetService:
             "records": [{"seq": r.seq, "kind": r.kind, "ts": r.ts, "body": r.body} for r in rows],
         }
 
-    def chunk_for(self, device_id: str, request: ChunkRequest) -> bytes | None:
-        """The frame answering a chunk request, read from the artifact; None for a request not allowed
-        or an artifact the store cannot give (logged, counted in `artifact_errors`; the device asks
-        again after its timeout, and other updates are served meanwhile)."""
+    def chunk_for(self, device_id: str, request: ChunkRequest) -> bytes:
+        """The frame answering a chunk request: the chunk read from the artifact, or a ChunkUnavailable
+        answer (protocol/frames.py) for a request that is not allowed or an artifact the store cannot
+        give (that one logged and counted in `artifact_errors`; other updates are served meanwhile)."""
         frame = self._chunk(device_id, request, wait=True)
         assert not isinstance(frame, _NeedsNetwork)
         return frame
 
-    async def answer_chunk(self, device_id: str, request: ChunkRequest) -> bytes | None:
+    async def answer_chunk(self, device_id: str, request: ChunkRequest) -> bytes:
         """`chunk_for` for the event loop: a chunk on the fleet's disk (the folder store, the S3
         store's cache) is read here; one that needs the network (an S3 cache miss) in a thread."""
         frame = self._chunk(device_id, request, wait=False)
@@ -917,18 +922,19 @@ class FleetService:
             return await asyncio.to_thread(self.chunk_for, device_id, request)
         return frame
 
-    def _chunk(self, device_id: str, request: ChunkRequest, *, wait: bool) -> bytes | _NeedsNetwork | None:
+    def _chunk(self, device_id: str, request: ChunkRequest, *, wait: bool) -> bytes | _NeedsNetwork:
         source = self._chunk_source(request.update_id)
         if source is None or source.device_id != device_id:
-            return None
+            # The same answer for an unknown update and another device's: nothing to learn from it.
+            return _refusal(request, "the fleet has no such update for this device")
         if request.payload == "delta":
             if source.delta is None:
-                return None
+                return _refusal(request, "this update has no delta; ask for the package")
             key, total = source.delta, source.delta_size
         else:
             key, total = source.package, source.package_size
         if request.offset >= total:
-            return None
+            return _refusal(request, f"offset {request.offset} is past the payload's end ({total} bytes)")
         length = min(request.length, total - request.offset)
         try:
             if wait:

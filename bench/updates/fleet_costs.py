@@ -33,6 +33,7 @@ from fleet.rollouts import Phase, Target
 from fleet.service import FleetService
 from fleet.store import FleetDataDir
 from models.signing import public_key_pem
+from protocol.frames import decode_chunk
 from protocol.messages import ChunkRequest, DeviceState, Health, ModelHealth, UpdateState, UpdateStatus
 
 MODEL = "surface-defect"
@@ -141,8 +142,7 @@ async def measure(devices: int, folder: Path) -> dict[str, Any]:
                 payload="delta",
             )
             frame = timer.run("chunk request", partial(service.chunk_for, device_id, request))
-            if frame is None:
-                raise RuntimeError(f"the fleet refused chunk {offset} of {update_id}")
+            decode_chunk(frame)  # a refusal (ChunkUnavailable) raises ProtocolError, saying why
         for state in STATES[2:]:
             timer.run(
                 "status", partial(service.on_update_status, device_id, _status(device_id, update_id, state))

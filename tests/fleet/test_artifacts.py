@@ -112,9 +112,7 @@ def _download(service: FleetService, device_id: str, update_id: str, payload: st
     served = bytearray()
     while len(served) < total:
         request = ChunkRequest(update_id=update_id, offset=len(served), length=4096, payload=payload)  # type: ignore[arg-type]
-        frame = service.chunk_for(device_id, request)
-        assert frame is not None, f"chunk at {len(served)} of {payload} not served"
-        served += decode_chunk(frame).data
+        served += decode_chunk(service.chunk_for(device_id, request)).data  # a refusal raises, saying why
     return bytes(served)
 
 

@@ -17,7 +17,7 @@ from fleet.store import FleetDataDir
 from models.package_delta import apply_package_delta
 from models.signing import public_key_pem
 from protocol import topics
-from protocol.frames import decode_chunk
+from protocol.frames import ChunkUnavailable, decode_chunk, decode_chunk_answer
 from protocol.messages import (
     ChunkRequest,
     DeviceState,
@@ -113,7 +113,15 @@ def test_offer_is_signed_and_chunks_are_served_to_that_device_only(
     request = ChunkRequest(update_id=update["update_id"], offset=4096, length=4096)
     chunk = decode_chunk(service.chunk_for("cam-1", request) or b"")
     assert chunk.data == archives[2].read_bytes()[4096:8192]
-    assert service.chunk_for("cam-2", request) is None, "another device's payload is not served"
+    refused = decode_chunk_answer(service.chunk_for("cam-2", request))
+    assert isinstance(refused, ChunkUnavailable), "another device's payload is not served"
+    assert refused.reason == "the fleet has no such update for this device" and refused.retry_after_s is None
+    unknown = ChunkRequest(update_id="no-such-update", offset=0, length=4096)
+    assert decode_chunk_answer(service.chunk_for("cam-2", unknown)) == ChunkUnavailable(
+        "no-such-update", 0, refused.reason, None
+    ), "an unknown update and another device's are answered alike"
+    past = ChunkRequest(update_id=update["update_id"], offset=10**9, length=4096)
+    assert "past the payload's end" in decode_chunk_answer(service.chunk_for("cam-1", past)).reason  # type: ignore[union-attr]
 
 
 def _reports_running(service: FleetService, device_id: str, version: int) -> None:
@@ -154,7 +162,8 @@ def test_a_device_that_runs_an_older_registered_version_is_offered_a_delta(
     assert manifest.version == 2
     other = next(u["update_id"] for u in updates if u["device_id"] == "cam-2")
     no_delta = ChunkRequest(update_id=other, offset=0, length=4096, payload="delta")
-    assert service.chunk_for("cam-2", no_delta) is None, "no delta is served for an update that has none"
+    refused = decode_chunk_answer(service.chunk_for("cam-2", no_delta))
+    assert isinstance(refused, ChunkUnavailable) and "ask for the package" in refused.reason
 
 
 def _write(path: Path, data: bytes) -> Path:
