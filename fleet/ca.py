@@ -9,7 +9,6 @@ and checked against the CA's key before each re-write.
 """
 
 import datetime as dt
-import fcntl
 import hashlib
 import ipaddress
 import logging
@@ -31,7 +30,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fleet.broker import BrokerTls
 from fleet.broker_auth import FLEET_USER, require_device_name
 from fleet.errors import FleetError, InvalidRequest
-from models.fsutil import write_private
+from models.fsutil import exclusive_lock, write_private
 
 log = logging.getLogger(__name__)
 
@@ -281,14 +280,9 @@ class FleetCA:
         each from a thread), and `--ingest-workers` processes start together: without this, two of
         them found the client certificate missing, each wrote a key and a certificate, and one read
         the other's certificate with its own key ("key values mismatch") and retried with backoff.
-        An flock: it excludes threads (each opens the file anew) and processes alike.
         """
-        with open(self.folder / ".service-certificates.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with exclusive_lock(self.folder / ".service-certificates.lock"):
+            yield
 
     def _ensure_service_certificate(
         self, cert_path: Path, key_path: Path, common_name: str, client: bool, names: tuple[str, ...] = ()

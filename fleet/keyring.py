@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import json
 import os
 import threading
@@ -37,7 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fleet.errors import InvalidRequest, NotFound
-from models.fsutil import replace_private, write_private
+from models.fsutil import exclusive_lock, replace_private, write_private
 from protocol.field_token import CLOCK_SKEW_S, MAX_TTL_S
 from protocol.field_token import key_id as field_key_id
 from protocol.keys_document import KEYS_FORMAT, canonical
@@ -343,12 +342,8 @@ class FleetKeyring:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(self.folder / ".lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with exclusive_lock(self.folder / ".lock"):
+            yield
 
 
 def _b64(data: bytes) -> str:

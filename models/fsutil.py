@@ -1,7 +1,10 @@
 """Durability helpers shared by everything that writes files a power cut must not tear."""
 
+import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -39,3 +42,15 @@ def write_private(path: Path, data: bytes, *, replace: bool = False) -> None:
     fd = os.open(path, flags, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+
+
+@contextmanager
+def exclusive_lock(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `lock_file` (made if missing) for the block: it excludes other
+    processes and other threads of this one alike (each opens the file anew). Not re-entrant."""
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
