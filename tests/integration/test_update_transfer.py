@@ -34,13 +34,12 @@ class CountingService(FleetService):
     outage_after_chunks = 0
     outage = asyncio.Event()
 
-    async def answer_chunk(self, device_id: str, request: ChunkRequest) -> bytes | None:
+    async def answer_chunk(self, device_id: str, request: ChunkRequest) -> bytes:
         frame = await super().answer_chunk(device_id, request)
-        if frame is not None:
-            self.served_chunks += 1
-            self.served_bytes += min(request.length, CHUNK)
-            if self.served_chunks == self.outage_after_chunks:
-                self.outage.set()
+        self.served_chunks += 1  # every request is answered now (a refusal too; none happen here)
+        self.served_bytes += min(request.length, CHUNK)
+        if self.served_chunks == self.outage_after_chunks:
+            self.outage.set()
         return frame
 
 
