@@ -101,7 +101,7 @@ class Probation:
                 detail,
             )
         p95 = stats.quantile(0.95)
-        if p95 is not None and len(stats.latencies_ms) >= MIN_LATENCY_SAMPLES and p95 > budget:
+        if p95 is not None and stats.latency_samples >= MIN_LATENCY_SAMPLES and p95 > budget:
             return Verdict(
                 f"live p95 latency {p95:.1f} ms during probation exceeds the {budget_name} {budget} ms",
                 detail,

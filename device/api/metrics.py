@@ -29,13 +29,12 @@ class AgentCollector:
         for name in self.engine.names():
             serving = self.engine.get(name)
             values = [name, str(serving.manifest.version), serving.backend, serving.served_precision]
-            with serving.lock:
-                stats = serving.stats
-                inferences.add_metric(values, stats.inferences)
-                errors.add_metric(values, stats.errors)
-                cumulative = list(itertools.accumulate(stats.bucket_counts))
-                bounds = [str(b) for b in LATENCY_BUCKETS_MS] + ["+Inf"]
-                latency.add_metric(values, list(zip(bounds, cumulative, strict=True)), stats.latency_sum_ms)
+            stats = serving.stats.snapshot()
+            inferences.add_metric(values, stats.inferences)
+            errors.add_metric(values, stats.errors)
+            cumulative = list(itertools.accumulate(stats.bucket_counts))
+            bounds = [str(b) for b in LATENCY_BUCKETS_MS] + ["+Inf"]
+            latency.add_metric(values, list(zip(bounds, cumulative, strict=True)), stats.latency_sum_ms)
         yield from (inferences, errors, latency)
         extra = self.extra()
         pending = GaugeMetricFamily("edgefleet_telemetry_pending", "Records waiting in the telemetry outbox")

@@ -31,25 +31,92 @@ GOLDEN_TIMING_RUNS = 10
 _NUMPY_DTYPES = {name: np.dtype(name) for name in ("float32", "float16", "int8", "uint8", "int32", "int64")}
 
 
-@dataclass
-class ModelStats:
-    inferences: int = 0
-    errors: int = 0
-    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
-    # Cumulative histogram of call latency (Prometheus style): counts per upper bound, and the sum.
-    bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
-    latency_sum_ms: float = 0.0
+# Latency samples kept for quantiles (the histogram counts every call)
+LATENCY_WINDOW = 4096
+# Calls recorded before the call that finds this many waiting folds them in itself
+FOLD_EVERY = 1024
 
-    def observe(self, items: int, elapsed_ms: float) -> None:
-        self.inferences += items
-        self.latencies_ms.append(elapsed_ms)
-        self.latency_sum_ms += elapsed_ms
-        self.bucket_counts[bisect.bisect_left(LATENCY_BUCKETS_MS, elapsed_ms)] += 1
+
+@dataclass(frozen=True)
+class StatsSnapshot:
+    """One consistent reading of a model's counters (for /metrics)."""
+
+    inferences: int
+    errors: int
+    bucket_counts: list[int]  # per upper bound of LATENCY_BUCKETS_MS, then +Inf; not cumulative
+    latency_sum_ms: float
+
+
+class ModelStats:
+    """A model's counters, latency histogram (Prometheus style) and recent latencies.
+
+    `record` is on every engine call's path, right after the runtime's call, when the interpreter's
+    data is out of the CPU caches: a lock and a histogram update there cost ~6 µs of a 0.34 ms call
+    (bench/engine/RESULTS.md). So a call only appends (items, ms) to a deque, which is atomic in
+    CPython and needs no lock, and whoever reads the counters folds what waits into them first
+    (as does a call that finds FOLD_EVERY waiting, so an unread model's queue stays short).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: deque[tuple[int, float]] = deque()
+        self._inferences = 0
+        self._errors = 0
+        self._latencies_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._bucket_counts = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+        self._latency_sum_ms = 0.0
+
+    def record(self, items: int, elapsed_ms: float) -> None:
+        """A call that inferred `items` items in `elapsed_ms` (any thread, no lock)."""
+        pending = self._pending
+        pending.append((items, elapsed_ms))
+        if len(pending) >= FOLD_EVERY:
+            self._fold()
+
+    def failed(self, items: int) -> None:
+        """A call whose `items` items failed (rare: the lock is fine here)."""
+        with self._lock:
+            self._errors += items
+
+    def _fold(self) -> None:
+        with self._lock:
+            pending = self._pending
+            while pending:  # only this (locked) reader pops; callers only append
+                items, elapsed_ms = pending.popleft()
+                self._inferences += items
+                self._latencies_ms.append(elapsed_ms)
+                self._latency_sum_ms += elapsed_ms
+                self._bucket_counts[bisect.bisect_left(LATENCY_BUCKETS_MS, elapsed_ms)] += 1
+
+    @property
+    def inferences(self) -> int:
+        self._fold()
+        return self._inferences
+
+    @property
+    def errors(self) -> int:
+        return self._errors
+
+    @property
+    def latency_samples(self) -> int:
+        """How many recent latencies `quantile` draws on (at most LATENCY_WINDOW)."""
+        self._fold()
+        return len(self._latencies_ms)
 
     def quantile(self, q: float) -> float | None:
-        if not self.latencies_ms:
-            return None
-        return float(np.quantile(np.fromiter(self.latencies_ms, float), q))
+        self._fold()
+        with self._lock:
+            if not self._latencies_ms:
+                return None
+            samples = np.fromiter(self._latencies_ms, float)
+        return float(np.quantile(samples, q))
+
+    def snapshot(self) -> StatsSnapshot:
+        self._fold()
+        with self._lock:
+            return StatsSnapshot(
+                self._inferences, self._errors, list(self._bucket_counts), self._latency_sum_ms
+            )
 
 
 @dataclass
@@ -61,12 +128,15 @@ class ServingModel:
     model: LoadedModel
     golden_p95_ms: float | None
     stats: ModelStats = field(default_factory=ModelStats)
-    lock: threading.Lock = field(default_factory=threading.Lock)
     precision: PrecisionDecision | None = None  # None: built by hand, fp32 from model_file
 
     @property
     def served_precision(self) -> str:
         return self.precision.precision if self.precision else "fp32"
+
+    @functools.cached_property  # the manifest of a loaded model never changes
+    def input_check(self) -> "InputCheck":
+        return InputCheck(self.manifest.inputs)
 
     @functools.cached_property  # asked on every request; the manifest of a loaded model never changes
     def batchable(self) -> bool:
@@ -91,9 +161,14 @@ class ServingModel:
         }
 
 
+def _items(inputs: Tensors) -> int:
+    """Items in a call: dim 0 of its first input (1 for a scalar)."""
+    first = next(iter(inputs.values()))
+    return first.shape[0] if first.ndim else 1
+
+
 def check_inputs(specs: list[TensorSpec], inputs: Tensors) -> Tensors:
     """Match the caller's tensors to the manifest by name, dtype and shape; raise a 4xx-style error."""
-    # On every request's path: plain loops and a dtype table, no sets or generators (a few µs saved).
     if len(inputs) != len(specs) or any(spec.name not in inputs for spec in specs):
         expected = sorted(s.name for s in specs)
         raise InferenceInputError(f"inputs must be exactly {expected}, got {sorted(inputs)}")
@@ -115,6 +190,42 @@ def check_inputs(specs: list[TensorSpec], inputs: Tensors) -> Tensors:
             )
         checked[spec.name] = array if array.flags.c_contiguous else np.ascontiguousarray(array)
     return checked
+
+
+class InputCheck:
+    """`check_inputs` for one model's specs, decided once: the same verdicts in fewer steps per call.
+
+    It runs on every request's path, straight after the runtime's own call, when the interpreter's
+    data is out of the CPU caches: each step there costs 2-3x what it costs in a loop
+    (bench/engine/RESULTS.md, engine overhead). Inputs it does not pass go to `check_inputs`, which
+    names what is wrong.
+    """
+
+    def __init__(self, specs: list[TensorSpec]) -> None:
+        self._specs = specs
+        # name, dtype, rank, where the fixed dims start (1 after a dynamic batch dim, else 0) and
+        # those dims; None where a later dim is dynamic too (then `check_inputs` decides)
+        plan = []
+        for spec in specs:
+            start = 1 if spec.shape and spec.shape[0] == -1 else 0
+            dims = tuple(spec.shape[start:])
+            dtype = _NUMPY_DTYPES.get(spec.dtype) or np.dtype(spec.dtype)
+            plan.append((spec.name, dtype, len(spec.shape), start, None if -1 in dims else dims))
+        self._plan = tuple(plan)
+
+    def __call__(self, inputs: Tensors) -> Tensors:
+        if len(inputs) != len(self._plan):
+            return check_inputs(self._specs, inputs)
+        checked: Tensors = {}
+        for name, dtype, rank, start, dims in self._plan:
+            array = inputs.get(name)
+            if array is None or dims is None or array.dtype != dtype:
+                return check_inputs(self._specs, inputs)
+            shape = array.shape
+            if len(shape) != rank or shape[start:] != dims:
+                return check_inputs(self._specs, inputs)
+            checked[name] = array if array.flags.c_contiguous else np.ascontiguousarray(array)
+        return checked
 
 
 def load_golden(folder: Path, manifest: Manifest) -> tuple[Tensors, Tensors]:
@@ -234,8 +345,8 @@ class Engine:
 
     def run(self, name: str, inputs: Tensors) -> Tensors:
         """Run now, in the caller's thread (the pipeline's way); no queue, no batching."""
-        serving = self.get(name)
-        return self._run_checked(serving, check_inputs(serving.manifest.inputs, inputs))
+        serving = self._models.get(name) or self.get(name)
+        return self._run_checked(serving, serving.input_check(inputs))
 
     def submit(self, serving: ServingModel, inputs: Tensors) -> Future[Tensors]:
         """Check `inputs` now, then queue them on the model's batcher (the API's way).
@@ -243,13 +354,13 @@ class Engine:
         Raises InferenceInputError for bad inputs and batcher.Overloaded when the queue is full; the
         future holds exactly the caller's rows, or the model's error.
         """
-        checked = check_inputs(serving.manifest.inputs, inputs)
+        checked = serving.input_check(inputs)
         return self._batcher(serving.manifest.name).submit(serving, checked, serving.batchable)
 
     def submit_async(self, serving: ServingModel, inputs: Tensors) -> "asyncio.Future[Tensors]":
         """`submit` for a coroutine on the running loop (the API's way): the future is the loop's own,
         set on the loop's thread, so awaiting it costs no thread-safe future chain."""
-        checked = check_inputs(serving.manifest.inputs, inputs)
+        checked = serving.input_check(inputs)
         return self._batcher(serving.manifest.name).submit_async(serving, checked, serving.batchable)
 
     def configure_batching(self, name: str, config: BatchConfig) -> None:
@@ -289,19 +400,14 @@ class Engine:
         return batcher
 
     def _run_checked(self, serving: ServingModel, checked: Tensors) -> Tensors:
-        # Batches from the batcher thread and single calls from the pipeline share the stats: the lock.
-        first = next(iter(checked.values()))
-        rows = first.shape[0] if first.ndim else 1
+        # Batches from the batcher thread and single calls from the pipeline share the stats.
         start = time.perf_counter()
         try:
             outputs = serving.model.run(checked)
         except Exception as e:
-            with serving.lock:
-                serving.stats.errors += rows  # per item, like inferences
+            serving.stats.failed(_items(checked))  # per item, like inferences
             raise EngineError(f"{serving.manifest.name} failed on {serving.backend}: {e}") from e
-        elapsed_ms = (time.perf_counter() - start) * 1000
-        with serving.lock:
-            serving.stats.observe(rows, elapsed_ms)
+        serving.stats.record(_items(checked), (time.perf_counter() - start) * 1000)
         return outputs
 
     def close(self) -> None:

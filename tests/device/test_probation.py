@@ -30,8 +30,8 @@ def limit(engine: Engine, **limits: float) -> None:
 def record(engine: Engine, ok: int, failed: int, latency_ms: float) -> None:
     stats = engine.get(NAME).stats
     for _ in range(ok):
-        stats.observe(1, latency_ms)
-    stats.errors += failed
+        stats.record(1, latency_ms)
+    stats.failed(failed)
 
 
 def test_a_healthy_model_commits(serving: Engine) -> None:

@@ -66,7 +66,7 @@ def test_batch_never_exceeds_max_batch_and_large_requests_run_alone(engine: Engi
     futures = [engine.submit(serving, {"x": x}) for x in inputs]
     for x, out in zip(inputs, results(futures), strict=True):
         np.testing.assert_array_equal(out["y"], 2 * x)
-    latencies = len(serving.stats.latencies_ms)  # one entry per engine call
+    latencies = serving.stats.latency_samples  # one entry per engine call
     # FIFO, at most 4 rows a call, 6 and 4 alone: [1] [6] [1,1] [3] [2] [4] -> 6 calls.
     assert latencies == engine.batcher_stats("doubler")["batches"] == 6
 
@@ -158,7 +158,7 @@ def test_stats_stay_exact_with_the_pipeline_and_the_batcher_running_together(
     for t in threads:
         t.join(60)
     assert serving.stats.inferences == 3 * 200 * 2 + 300
-    assert sum(serving.stats.bucket_counts) == 3 * 200 + engine.batcher_stats("doubler")["batches"]
+    assert sum(serving.stats.snapshot().bucket_counts) == 3 * 200 + engine.batcher_stats("doubler")["batches"]
 
 
 def test_closing_finishes_what_was_queued(engine: Engine, tmp_path: Path) -> None:

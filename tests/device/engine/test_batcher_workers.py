@@ -51,7 +51,7 @@ def test_many_callers_each_get_their_rows_from_two_workers(engine: Engine, tmp_p
         np.testing.assert_array_equal(out["y"], 2 * x)
     stats = engine.batcher_stats("doubler")
     assert serving.stats.inferences == sum(len(x) for x in inputs)
-    assert sum(serving.stats.bucket_counts) == stats["batches"]  # every call counted once
+    assert sum(serving.stats.snapshot().bucket_counts) == stats["batches"]  # every call counted once
 
 
 def test_closing_stops_every_worker(engine: Engine, tmp_path: Path) -> None:
