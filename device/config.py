@@ -64,7 +64,10 @@ class DeviceConfig(BaseModel):
     )
     batching: dict[str, ModelBatching] = Field(
         default_factory=dict,
-        description="per model name: how local API requests are queued and grouped (default: no grouping)",
+        description=(
+            "per model name: how local API requests are queued and grouped (default: no grouping, "
+            "2 calls in flight on ONNX Runtime's CPU provider, else 1)"
+        ),
     )
     plant_signal: PlantSignal | None = Field(
         default=None, description="a plant MQTT topic for the line state, besides PUT /api/line"

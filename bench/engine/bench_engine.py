@@ -52,7 +52,7 @@ DEFAULT_MODEL = ROOT / "models" / "zoo" / "surface_defect" / "v1"
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 CLIENTS = 16
 WARMUP_CALLS = 20
-DEFAULT_SERVED = "1:0,16:0,16:2,4:0,16:0:2"  # max_batch:max_wait_ms[:workers] per served configuration
+DEFAULT_SERVED = "1:0,1:0:2,16:0,16:2,4:0,16:0:2"  # max_batch:max_wait_ms[:workers] per served configuration
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
 
@@ -549,7 +549,25 @@ def throughput_table(runs: list[dict[str, Any]], precision: str) -> list[str]:
         "per served item (what a machine with no other jobs would reach); *by server CPU*: the same "
         "without the clients' share (clients on other machines).",
     ]
+    bound = batch_one_bound(runs)
+    if bound is not None:
+        lines += [
+            "",
+            f"*Bound with batching off*: the raw runtime itself, one item per call (its best caller count), "
+            f"makes {bound:.2f} of the ceiling; a server that cost nothing would reach that and no more "
+            f"when every engine call carries one item.",
+        ]
     return lines
+
+
+def batch_one_bound(runs: list[dict[str, Any]]) -> float | None:
+    """Median over repeats of the raw runtime's best batch-1 throughput over that repeat's ceiling."""
+    ratios = []
+    for run in runs:
+        batch_one = [v["items_s"] for k, v in run["ceiling"].items() if k.partition("x")[0] == "1"]
+        if batch_one and run["ceiling_best"]:
+            ratios.append(max(batch_one) / run["ceiling_best"])
+    return statistics.median(ratios) if ratios else None
 
 
 def main() -> None:

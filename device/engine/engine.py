@@ -364,7 +364,7 @@ class Engine:
         return self._batcher(serving.manifest.name).submit_async(serving, checked, serving.batchable)
 
     def configure_batching(self, name: str, config: BatchConfig) -> None:
-        """How API requests to `name` are queued and grouped from now on (default: BatchConfig())."""
+        """How API requests to `name` are queued and grouped from now on (default: `_config_for`)."""
         with self._batchers_lock:
             self._batch_configs[name] = config
             old = self._batchers.pop(name, None)
@@ -374,7 +374,7 @@ class Engine:
     def batcher_stats(self, name: str) -> dict[str, Any]:
         with self._batchers_lock:
             batcher = self._batchers.get(name)
-            config = self._batch_configs.get(name, BatchConfig())
+            config = self._config_for(name)
         stats = batcher.stats if batcher else None
         return {
             "max_batch": config.max_batch,
@@ -395,9 +395,18 @@ class Engine:
                     raise Unavailable("the engine is shutting down; retry once the device is back")
                 batcher = self._batchers.get(name)
                 if batcher is None:
-                    config = self._batch_configs.get(name, BatchConfig())
+                    config = self._config_for(name)
                     batcher = self._batchers[name] = MicroBatcher(name, config, self._run_checked)
         return batcher
+
+    def _config_for(self, name: str) -> BatchConfig:
+        """The configured batching of `name`, else no grouping with as many calls in flight as its
+        runtime makes good use of (2 on ONNX Runtime's CPU provider, else 1)."""
+        configured = self._batch_configs.get(name)
+        if configured is not None:
+            return configured
+        serving = self._models.get(name)
+        return BatchConfig(workers=serving.model.calls_in_flight if serving else 1)
 
     def _run_checked(self, serving: ServingModel, checked: Tensors) -> Tensors:
         # Batches from the batcher thread and single calls from the pipeline share the stats.

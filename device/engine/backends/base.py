@@ -12,6 +12,10 @@ Tensors = dict[str, np.ndarray]
 
 
 class LoadedModel(Protocol):
+    # Engine calls worth having in flight at once when requests are not grouped: more than 1 only
+    # where the runtime runs concurrent calls and fills the cores better with them.
+    calls_in_flight: int
+
     def run(self, inputs: Tensors) -> Tensors:
         """Run one batch; inputs are already checked against the manifest."""
         ...

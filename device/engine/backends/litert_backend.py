@@ -33,6 +33,8 @@ def _interpreter_class() -> Any:
 class LiteRTModel:
     """One interpreter. TFLite interpreters are not thread-safe, so runs are serialised by a lock."""
 
+    calls_in_flight = 1
+
     def __init__(self, model_path: Path, manifest: Manifest, threads: int) -> None:
         try:
             self._interpreter = _interpreter_class()(model_path=str(model_path), num_threads=threads)

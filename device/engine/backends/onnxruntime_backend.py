@@ -42,6 +42,11 @@ class OnnxRuntimeModel:
         except Exception as e:  # ORT raises its own untyped errors for corrupt or unsupported files
             raise EngineError(f"onnxruntime could not load {model_path.name}: {e}") from e
         self._output_names = [o.name for o in self._session.get_outputs()]
+        # One item per call leaves ONNX Runtime's threads waiting on each other for a small model;
+        # two such calls at once on the CPU made 15-25% more items/s under 16 clients, with no
+        # grouping (bench/engine/RESULTS.md). Grouped calls gain nothing from it, so only the
+        # ungrouped default uses it (Engine._config_for).
+        self.calls_in_flight = 2 if provider == "CPUExecutionProvider" and threads >= 2 else 1
         self._run = _direct_run(self._session, provider) or self._session.run
 
     def run(self, inputs: Tensors) -> Tensors:

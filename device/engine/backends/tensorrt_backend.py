@@ -375,6 +375,8 @@ class _Binding:
 class TensorRTModel:
     """One engine, one execution context, device buffers sized for the largest batch."""
 
+    calls_in_flight = 1  # one context: runs are serialised
+
     def __init__(self, cuda: CudaRuntime, blob: bytes, label: str) -> None:
         import tensorrt as trt
 

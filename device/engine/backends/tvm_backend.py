@@ -78,6 +78,8 @@ class CompiledLibrary:
 class TvmModel:
     """One Relax VM per compiled batch size. Runs are serialised: a VM is not safe to share."""
 
+    calls_in_flight = 1
+
     def __init__(
         self,
         libraries: list[CompiledLibrary],

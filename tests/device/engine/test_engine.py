@@ -3,6 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from device.engine.batcher import BatchConfig
 from device.engine.engine import Engine
 from device.errors import GoldenTestFailed, InferenceInputError, NoBackendAvailable
 from models.manifest import load_manifest
@@ -81,4 +82,15 @@ def test_api_requests_go_through_a_bounded_queue_by_default(engine: Engine, zoo:
     assert out["logits"].shape == (2, 4)
     stats = engine.batcher_stats("surface-defect")
     assert (stats["max_batch"], stats["max_queue"], stats["batches"]) == (1, 32, 1)
+    # Not grouped, but two calls in flight where ONNX Runtime has two threads or more to fill
+    assert stats["workers"] == serving.model.calls_in_flight == (2 if engine.profile.cpu_count >= 2 else 1)
+    engine.close()
+
+
+def test_configured_batching_replaces_the_default(engine: Engine, zoo: Path) -> None:
+    serving = engine.prepare(zoo / "v1", load_manifest(zoo / "v1"))
+    engine.serve(serving)
+    engine.configure_batching("surface-defect", BatchConfig(max_batch=1, workers=1))
+    engine.submit(serving, {"image": np.zeros((1, 3, 64, 64), np.float32)}).result(30)
+    assert engine.batcher_stats("surface-defect")["workers"] == 1
     engine.close()

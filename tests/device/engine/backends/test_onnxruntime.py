@@ -30,3 +30,9 @@ def test_a_session_without_the_compiled_object_falls_back_to_its_run() -> None:
             return []
 
     assert _direct_run(Wrapper(), "CPUExecutionProvider") is None
+
+
+def test_two_calls_in_flight_only_on_the_cpu_with_two_threads_or_more(zoo: Path) -> None:
+    path = zoo / "v1" / "model.onnx"
+    assert OnnxRuntimeModel(path, "CPUExecutionProvider", threads=2).calls_in_flight == 2
+    assert OnnxRuntimeModel(path, "CPUExecutionProvider", threads=1).calls_in_flight == 1
