@@ -43,7 +43,7 @@ class OnnxRuntimeModel:
             raise EngineError(f"onnxruntime could not load {model_path.name}: {e}") from e
         self._output_names = [o.name for o in self._session.get_outputs()]
         # One item per call leaves ONNX Runtime's threads waiting on each other for a small model;
-        # two such calls at once on the CPU made 15-25% more items/s under 16 clients, with no
+        # two such calls at once on the CPU made 18-19% more items/s under 16 clients, with no
         # grouping (bench/engine/RESULTS.md). Grouped calls gain nothing from it, so only the
         # ungrouped default uses it (Engine._config_for).
         self.calls_in_flight = 2 if provider == "CPUExecutionProvider" and threads >= 2 else 1
