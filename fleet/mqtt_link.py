@@ -182,7 +182,7 @@ class MqttLink:
         self,
         options: LinkOptions,
         on_publish: OnPublish,
-        room: Callable[[], Awaitable[None]] | None = None,
+        room: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         """`room`: awaited before each read of the socket; while it waits, nothing more is read,
         and TCP's flow control holds the broker's sending back (see `receive_maximum`)."""

@@ -7,7 +7,9 @@ app through plain uvicorn and ASGI, so both can be asked the same thing.
 import json
 import logging
 import socket
+import ssl
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -19,6 +21,7 @@ from device.api.fastpath import InferFastPath
 from device.api.limits import Receive, Scope, Send
 from device.api.server import api_server_config
 from device.engine.engine import Engine
+from fleet.ca import FleetCA
 from tests.asgi_server import serving
 from tests.device.api.conftest import TOKEN
 from tests.device.api.test_binary import binary_body
@@ -325,3 +328,45 @@ def test_infer_requests_never_reach_asgi_but_the_rest_does(api: str, monkeypatch
         sock.sendall(infer_request(body, length, target=URL + "?via=asgi"))
         assert answers.next()[0] == 200
     assert seen == ["GET /v2/health/live", f"POST {URL}"]
+
+
+@pytest.fixture
+def https_api(served: Engine, tmp_path: Path) -> Iterator[tuple[str, ssl.SSLContext]]:
+    """The API over HTTPS, as a device with a certificate serves it (`api_tls`), and a client
+    context that trusts it."""
+    ca = FleetCA(tmp_path / "ca")
+    cert, key = ca.api_tls()
+    app = create_app(served, lambda: {"device_id": "dev-a"}, TOKEN, lambda: {"update_state": "idle"})
+    with serving(app, https=(str(cert), str(key))) as url:
+        yield url, ssl.create_default_context(cafile=str(ca.cert_path))
+
+
+def test_over_https_infer_is_answered_by_the_protocol_too(
+    https_api: tuple[str, ssl.SSLContext], served: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str] = []
+    original = InferFastPath.__call__
+
+    async def spy(self: InferFastPath, scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(f"{scope['method']} {scope['path']}")
+        await original(self, scope, receive, send)
+
+    monkeypatch.setattr(InferFastPath, "__call__", spy)
+    url, context = https_api
+    assert url.startswith("https://")
+    body, length = binary_body(IMAGE, {"parameters": {"binary_data_output": True}})
+    headers = {"Authorization": f"Bearer {TOKEN}", "Inference-Header-Content-Length": str(length)}
+    expected = served.run("surface-defect", {"image": IMAGE})["logits"]
+    with httpx.Client(base_url=url, verify=context) as client:
+        for _ in range(3):  # one TLS connection, kept alive
+            answer = client.post(URL, content=body, headers=headers)
+            assert answer.status_code == 200, answer.text
+            np.testing.assert_allclose(logits(answer.headers, answer.content), expected, rtol=1e-5)
+        pieces = iter([body[:1000], body[1000:20000], body[20000:]])  # a chunked body
+        chunked = client.post(URL, content=pieces, headers=headers)
+        assert chunked.status_code == 200 and "content-length" not in chunked.request.headers
+        np.testing.assert_allclose(logits(chunked.headers, chunked.content), expected, rtol=1e-5)
+        refused = client.post(URL, content=body, headers={**headers, "Authorization": "Bearer wrong"})
+        assert refused.status_code == 401
+        assert client.get("/v2/health/live").json() == {"live": True}
+    assert seen == ["GET /v2/health/live"]  # every infer request was the protocol's
