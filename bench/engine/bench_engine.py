@@ -23,10 +23,12 @@ Every server and every raw run use the same model file: the precision is decided
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -46,6 +48,7 @@ from loadgen import http_request, run_load  # beside this script
 from pinned import PRECISIONS, load_pinned, served_file
 
 from edgefleet.procs import free_port, wait_for
+from fleet.ca import FleetCA
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = ROOT / "models" / "zoo" / "surface_defect" / "v1"
@@ -56,18 +59,34 @@ DEFAULT_SERVED = "1:0,1:0:2,16:0,16:2,4:0,16:0:2"  # max_batch:max_wait_ms[:work
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
 
-def served_configs(spec: str) -> dict[str, tuple[int, float, int, int]]:
-    """`--served` as label -> (max_batch, max_wait_ms, workers, images per request)."""
+@dataclass(frozen=True)
+class Served:
+    """One served configuration of `--served`."""
+
+    max_batch: int
+    max_wait_ms: float
+    workers: int
+    images: int  # per request
+    tls: bool  # HTTPS, as a device with a certificate serves its API
+
+
+def served_configs(spec: str) -> dict[str, Served]:
+    """`--served` (max_batch:max_wait_ms[:workers[:images[:tls]]], comma-separated) by label."""
     configs = {}
     for item in spec.split(","):
-        batch, wait, workers, images = ([*item.split(":"), "", "", ""])[:4]
-        max_batch, max_wait, n, rows = int(batch), float(wait or 0), int(workers or 1), int(images or 1)
+        batch, wait, workers, images, tls = ([*item.split(":"), "", "", "", ""])[:5]
+        if tls not in ("", "tls"):
+            raise SystemExit(f"--served {item}: the fifth field is 'tls' or nothing")
+        config = Served(int(batch), float(wait or 0), int(workers or 1), int(images or 1), tls == "tls")
         label = (
-            "batching off" if max_batch == 1 else f"batching on, max_batch {max_batch}, wait {max_wait:g} ms"
+            "batching off"
+            if config.max_batch == 1
+            else f"batching on, max_batch {config.max_batch}, wait {config.max_wait_ms:g} ms"
         )
-        label += f", {n} workers" if n > 1 else ""
-        label += f", {rows} images per request" if rows > 1 else ""
-        configs[label] = (max_batch, max_wait, n, rows)
+        label += f", {config.workers} workers" if config.workers > 1 else ""
+        label += f", {config.images} images per request" if config.images > 1 else ""
+        label += ", HTTPS" if config.tls else ""
+        configs[label] = config
     return configs
 
 
@@ -227,20 +246,29 @@ class Server:
     port: int
     token: str
     pid: int
+    tls: ssl.SSLContext | None = None  # a client context that trusts the server's certificate
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
 
 @contextmanager
-def server(
-    model: Path, max_batch: int, max_wait_ms: float, workers: int, args: argparse.Namespace
-) -> Iterator[Server]:
+def server(model: Path, config: Served, args: argparse.Namespace) -> Iterator[Server]:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         token_file = Path(tmp) / "token"
         cmd = [sys.executable, str(ROOT / "bench" / "engine" / "serve.py"), "--model", str(model)]
         cmd += ["--port", str(port), "--token-file", str(token_file), "--http", args.http]
-        cmd += ["--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--max-queue", "64"]
-        cmd += ["--workers", str(workers)]
+        cmd += ["--max-batch", str(config.max_batch), "--max-wait-ms", str(config.max_wait_ms)]
+        cmd += ["--max-queue", "64", "--workers", str(config.workers)]
         cmd += ["--threads", str(args.threads), "--precision", args.served_precision]
+        tls = None
+        if config.tls:  # a certificate from a fleet CA, as a device's API has
+            ca = FleetCA(Path(tmp) / "ca")
+            cert, key = ca.api_tls()
+            cmd += ["--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+            tls = ssl.create_default_context(cafile=str(ca.cert_path))
         env = dict(os.environ)
         if args.server_path:  # e.g. a folder with httptools and uvloop, which uvicorn then picks up
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.server_path, env.get("PYTHONPATH")]))
@@ -251,10 +279,11 @@ def server(
             def up() -> bool:
                 if child.poll() is not None:
                     raise RuntimeError((Path(tmp) / "serve.log").read_text())
-                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+                return httpx.get(f"{srv.url}/healthz", timeout=1, verify=tls or True).status_code == 200
 
+            srv = Server(port, "", child.pid, tls)
             wait_for("the bench server", up, 60)
-            yield Server(port, token_file.read_text().strip(), child.pid)
+            yield dataclasses.replace(srv, token=token_file.read_text().strip())
         finally:
             child.terminate()
             child.wait(15)
@@ -360,9 +389,10 @@ def latencies(server: Server, model_name: str, session: ort.InferenceSession, n:
 def batching_counts(srv: Server) -> tuple[int, float]:
     """Engine calls made and rows they carried so far, from the server's status."""
     status = httpx.get(
-        f"http://127.0.0.1:{srv.port}/api/status",
+        f"{srv.url}/api/status",
         headers={"Authorization": f"Bearer {srv.token}"},
         timeout=10,
+        verify=srv.tls or True,
     ).json()
     batching = status["batching"]
     return batching["batches"], (batching["mean_batch_rows"] or 0.0) * batching["batches"]
@@ -377,7 +407,7 @@ def throughput(
     images: int = 1,
 ) -> dict[str, Any]:
     """`CLIENTS` connections sending `request` (`images` images each) one after another."""
-    run_load(srv.port, request, CLIENTS, seconds=1.0, warmup_s=0.0)
+    run_load(srv.port, request, CLIENTS, seconds=1.0, warmup_s=0.0, tls=srv.tls)
     # The raw runtime at this repeat's best batch size just before and just after the served run (the
     # server idles meanwhile): the ceiling under the same load from other jobs, which moves by tens
     # of percent within a minute on a shared machine.
@@ -387,7 +417,7 @@ def throughput(
     batches, rows = batching_counts(srv)
     load_before = os.getloadavg()[0]
     busy, here, there = busy_cpu_s(), time.process_time(), process_cpu_s(srv.pid)
-    load = run_load(srv.port, request, CLIENTS, args.seconds, warmup_s=0.0)
+    load = run_load(srv.port, request, CLIENTS, args.seconds, warmup_s=0.0, tls=srv.tls)
     here, there = time.process_time() - here, process_cpu_s(srv.pid) - there
     busy = busy_cpu_s() - busy
     batches_after, rows_after = batching_counts(srv)
@@ -427,17 +457,17 @@ def one_repeat(args: argparse.Namespace, model_name: str, session: ort.Inference
         result["ceiling_cpu_ms_item"] = min(r["cpu_ms_item"] for r in result["ceiling"].values())
     served: dict[str, Any] = {}
     configs = served_configs(args.served)
+    plain_one = {label: c for label, c in configs.items() if c.max_batch == 1 and c.images == 1 and not c.tls}
     if "throughput" not in args.parts:  # one server for the latency part alone
-        configs = {label: c for label, c in configs.items() if c[0] == 1 and c[3] == 1}
-        configs = configs or {"batching off": (1, 0.0, 1, 1)}
-    for label, (max_batch, wait, workers, rows) in configs.items():
-        with server(args.model, max_batch, wait, workers, args) as srv:
-            # One request at a time: batching is moot; measured on the first unbatched server.
-            if max_batch == 1 and rows == 1 and "latency" in args.parts and "latency" not in result:
+        configs = plain_one or {"batching off": Served(1, 0.0, 1, 1, False)}
+    for label, config in configs.items():
+        with server(args.model, config, args) as srv:
+            # One request at a time: batching is moot; measured on the first plain unbatched server.
+            if label in plain_one and "latency" in args.parts and "latency" not in result:
                 result["latency"] = latencies(srv, model_name, session, args.latency_n)
             if "throughput" in args.parts:
-                request = binary_request(model_name, np.repeat(one, rows, axis=0), srv.token)
-                served[label] = throughput(args, srv, request, result, session, rows)
+                request = binary_request(model_name, np.repeat(one, config.images, axis=0), srv.token)
+                served[label] = throughput(args, srv, request, result, session, config.images)
     result["served"] = served
     return result
 

@@ -9,6 +9,7 @@ serve the file the bench times raw (pinned.py).
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from pinned import PRECISIONS, load_pinned  # beside this script
@@ -34,6 +35,8 @@ def main() -> None:
         help="edgefleet (the device's: infer answered by the protocol), or uvicorn's auto, h11, httptools",
     )
     parser.add_argument("--precision", choices=PRECISIONS, default="auto")
+    parser.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (and --ssl-keyfile)")
+    parser.add_argument("--ssl-keyfile")
     args = parser.parse_args()
     engine, serving = load_pinned(args.model, args.precision, args.threads)
     engine.configure_batching(
@@ -47,7 +50,9 @@ def main() -> None:
     )
     # uvicorn's "auto" picks httptools and uvloop when they are importable, h11 and asyncio otherwise;
     # the loop stays uvicorn's choice (uvloop) in every case.
-    options = {} if args.http == "edgefleet" else {"http": args.http}
+    options: dict[str, Any] = {} if args.http == "edgefleet" else {"http": args.http}
+    if args.ssl_certfile:
+        options |= {"ssl_certfile": args.ssl_certfile, "ssl_keyfile": args.ssl_keyfile}
     try:
         from device.api.server import api_server_config
     except ImportError:  # an older tree given with --server-path (A/B runs): plain uvicorn, as it was
