@@ -309,7 +309,9 @@ def test_uvicorn_has_what_the_protocol_leans_on() -> None:
     assert infer_protocol._has_expected_internals(), f"uvicorn {uvicorn.__version__} changed its protocol"
 
 
-def test_infer_requests_never_reach_asgi_but_the_rest_does(api: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def reached_asgi(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """ "METHOD path" of each request that the ASGI app (InferFastPath) was asked to answer."""
     seen: list[str] = []
     original = InferFastPath.__call__
 
@@ -318,6 +320,10 @@ def test_infer_requests_never_reach_asgi_but_the_rest_does(api: str, monkeypatch
         await original(self, scope, receive, send)
 
     monkeypatch.setattr(InferFastPath, "__call__", spy)
+    return seen
+
+
+def test_infer_requests_never_reach_asgi_but_the_rest_does(api: str, reached_asgi: list[str]) -> None:
     body, length = binary_body(IMAGE)
     with connect(api) as sock:
         answers = Answers(sock)
@@ -327,7 +333,7 @@ def test_infer_requests_never_reach_asgi_but_the_rest_does(api: str, monkeypatch
         assert answers.next()[0] == 200
         sock.sendall(infer_request(body, length, target=URL + "?via=asgi"))
         assert answers.next()[0] == 200
-    assert seen == ["GET /v2/health/live", f"POST {URL}"]
+    assert reached_asgi == ["GET /v2/health/live", f"POST {URL}"]
 
 
 @pytest.fixture
@@ -342,16 +348,8 @@ def https_api(served: Engine, tmp_path: Path) -> Iterator[tuple[str, ssl.SSLCont
 
 
 def test_over_https_infer_is_answered_by_the_protocol_too(
-    https_api: tuple[str, ssl.SSLContext], served: Engine, monkeypatch: pytest.MonkeyPatch
+    https_api: tuple[str, ssl.SSLContext], served: Engine, reached_asgi: list[str]
 ) -> None:
-    seen: list[str] = []
-    original = InferFastPath.__call__
-
-    async def spy(self: InferFastPath, scope: Scope, receive: Receive, send: Send) -> None:
-        seen.append(f"{scope['method']} {scope['path']}")
-        await original(self, scope, receive, send)
-
-    monkeypatch.setattr(InferFastPath, "__call__", spy)
     url, context = https_api
     assert url.startswith("https://")
     body, length = binary_body(IMAGE, {"parameters": {"binary_data_output": True}})
@@ -369,4 +367,4 @@ def test_over_https_infer_is_answered_by_the_protocol_too(
         refused = client.post(URL, content=body, headers={**headers, "Authorization": "Bearer wrong"})
         assert refused.status_code == 401
         assert client.get("/v2/health/live").json() == {"live": True}
-    assert seen == ["GET /v2/health/live"]  # every infer request was the protocol's
+    assert reached_asgi == ["GET /v2/health/live"]  # every infer request was the protocol's
