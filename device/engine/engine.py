@@ -374,7 +374,7 @@ class Engine:
     def batcher_stats(self, name: str) -> dict[str, Any]:
         with self._batchers_lock:
             batcher = self._batchers.get(name)
-            config = self._config_for(name)
+            config = batcher.config if batcher else self._config_for(name)  # what runs, or will
         stats = batcher.stats if batcher else None
         return {
             "max_batch": config.max_batch,
